@@ -1,0 +1,1 @@
+"""Architectures as data: MobileNet v1, VGG16 and small nets assembled from tinyconv layers."""

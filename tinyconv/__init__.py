@@ -1,0 +1,1 @@
+"""tinyconv: the layer graph, optimizers, data, checkpoints and training on top of the kernels."""
