@@ -1,1 +1,16 @@
-"""tinyconv: the layer graph, optimizers, data, checkpoints and training on top of the kernels."""
+"""tinyconv: the layer graph, optimizers, data, checkpoints and training on top of the kernels.
+
+Importing compiles no kernel: each compiles on first use and is cached on disk.
+"""
+from tinyconv.layer import Layer
+from tinyconv.layers import (AvgPool2D, BatchNorm, Conv2D, DepthwiseConv2D, Dropout, Flatten, GlobalAvgPool2D,
+                             Linear, MaxPool2D, PointwiseConv2D, ReLU, ReLU6, activation)
+from tinyconv.loss import SoftmaxCrossEntropy
+from tinyconv.sequential import Sequential, StateError
+from tinyconv.threads import set_threads
+
+__all__ = [
+    "Layer", "Conv2D", "DepthwiseConv2D", "PointwiseConv2D", "BatchNorm", "ReLU", "ReLU6", "activation",
+    "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Dropout", "Flatten", "Linear", "SoftmaxCrossEntropy",
+    "Sequential", "StateError", "set_threads",
+]

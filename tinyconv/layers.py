@@ -1,0 +1,482 @@
+"""Layers wrapping every kernel: convolutions, batch norm, activations, pooling, dropout, flatten and linear.
+
+Each layer validates its input (naming itself in the message), calls the kernels, keeps exactly what its backward
+needs in one cache slot, and reports its output shape, parameters and mult-adds analytically from shapes.
+Parameter names follow Keras (``kernel``, ``depthwise_kernel``, ``bias``, ``gamma``, ``beta``, ``moving_mean``,
+``moving_variance``) so a model's names can be matched against Keras's MobileNet.
+"""
+import math
+
+import numpy as np
+
+from kernels import activation as act_k
+from kernels import batchnorm as bn_k
+from kernels import conv as conv_k
+from kernels import depthwise as dw_k
+from kernels import dropout as drop_k
+from kernels import linear as lin_k
+from kernels import pointwise as pw_k
+from kernels import pool as pool_k
+from kernels.geometry import conv_geometry, normalize_window
+from tinyconv.layer import Layer
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _rng(rng):
+    return rng if rng is not None else np.random.default_rng()
+
+
+def _he_uniform(rng, shape, fan_in, dtype):
+    """He (Kaiming) uniform init: Var(w) = 2 / fan_in, the right scale in front of a ReLU."""
+    limit = math.sqrt(6.0 / fan_in)
+    return rng.uniform(-limit, limit, size=shape).astype(dtype)
+
+
+def _glorot_uniform(rng, shape, fan_in, fan_out, dtype):
+    """Glorot (Xavier) uniform init, Keras's default for Dense: Var(w) = 2 / (fan_in + fan_out)."""
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-limit, limit, size=shape).astype(dtype)
+
+
+def _check_spatial(layer, input_shape, channels):
+    if len(input_shape) != 3 or (channels is not None and input_shape[2] != channels):
+        want = f"(H, W, {channels})" if channels is not None else "(H, W, C)"
+        raise ValueError(f"layer '{layer.name}': per-sample input shape must be {want}, got {tuple(input_shape)}")
+
+
+class Conv2D(Layer):
+    """Standard convolution, weights HWIO ``kernel`` (KH, KW, C, K), optional ``bias`` (K,).
+
+    Args:
+        in_channels, out_channels: C and K.
+        kernel_size: int or (KH, KW).
+        stride: int or (sh, sw).
+        padding: 'same' (TensorFlow rule), 'valid', int or (ph, pw).
+        use_bias: add a learned bias (MobileNet's convs have none: batch norm follows).
+        rng: numpy Generator for the He-uniform init.
+    """
+
+    kind = "conv"
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, *, stride=1, padding="same", use_bias=False,
+                 name=None, rng=None, dtype=np.float32):
+        super().__init__(name)
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        (kh, kw), self.stride, self.padding = normalize_window(kernel_size, stride, padding)
+        self.kernel_size = (kh, kw)
+        self._add_param("kernel", _he_uniform(_rng(rng), (kh, kw, in_channels, out_channels),
+                                              kh * kw * in_channels, dtype))
+        if use_bias:
+            self._add_param("bias", np.zeros(out_channels, dtype))
+
+    @property
+    def type_label(self):
+        kh, kw = self.kernel_size
+        return f"Conv {kh}x{kw}"
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4, self.in_channels)
+        y = conv_k.conv2d_forward(x, self.params["kernel"], self.params.get("bias"),
+                                  stride=self.stride, padding=self.padding)
+        self._cache = x if training else None
+        return y
+
+    def backward(self, dy, need_dx=True):
+        x = self._take_cache()
+        w = self.params["kernel"]
+        self.grads["kernel"] += conv_k.conv2d_backward_weight(dy, x, w.shape, stride=self.stride,
+                                                              padding=self.padding)
+        if "bias" in self.params:
+            self.grads["bias"] += conv_k.conv2d_backward_bias(dy)
+        if not need_dx:
+            return None
+        return conv_k.conv2d_backward_input(dy, w, x.shape, stride=self.stride, padding=self.padding)
+
+    def output_shape(self, input_shape):
+        _check_spatial(self, input_shape, self.in_channels)
+        g = conv_geometry(input_shape[0], input_shape[1], self.kernel_size, self.stride, self.padding)
+        return (g.oh, g.ow, self.out_channels)
+
+    def macs(self, input_shape):
+        oh, ow, k = self.output_shape(input_shape)
+        kh, kw = self.kernel_size
+        return oh * ow * k * kh * kw * self.in_channels
+
+    def extra_ops(self, input_shape):
+        return {"bias": math.prod(self.output_shape(input_shape))} if "bias" in self.params else {}
+
+
+class DepthwiseConv2D(Layer):
+    """Depthwise convolution: one KH x KW filter per input channel (times ``depth_multiplier``).
+
+    ``depthwise_kernel`` has shape (KH, KW, C, M); output channel ``c * M + m`` as Keras's DepthwiseConv2D.
+    """
+
+    kind = "depthwise"
+
+    def __init__(self, channels, kernel_size=3, *, stride=1, padding="same", depth_multiplier=1, use_bias=False,
+                 name=None, rng=None, dtype=np.float32):
+        super().__init__(name)
+        self.in_channels = _positive_int("channels", channels)
+        self.depth_multiplier = _positive_int("depth_multiplier", depth_multiplier)
+        self.out_channels = self.in_channels * self.depth_multiplier
+        (kh, kw), self.stride, self.padding = normalize_window(kernel_size, stride, padding)
+        self.kernel_size = (kh, kw)
+        self._add_param("depthwise_kernel", _he_uniform(_rng(rng), (kh, kw, channels, self.depth_multiplier),
+                                                        kh * kw, dtype))
+        if use_bias:
+            self._add_param("bias", np.zeros(self.out_channels, dtype))
+
+    @property
+    def type_label(self):
+        kh, kw = self.kernel_size
+        return f"Conv DW {kh}x{kw}"
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4, self.in_channels)
+        y = dw_k.depthwise_forward(x, self.params["depthwise_kernel"], stride=self.stride, padding=self.padding)
+        if "bias" in self.params:
+            y += self.params["bias"]
+        self._cache = x if training else None
+        return y
+
+    def backward(self, dy, need_dx=True):
+        x = self._take_cache()
+        w = self.params["depthwise_kernel"]
+        self.grads["depthwise_kernel"] += dw_k.depthwise_backward_weight(dy, x, w.shape, stride=self.stride,
+                                                                         padding=self.padding)
+        if "bias" in self.params:
+            self.grads["bias"] += dy.sum(axis=(0, 1, 2))
+        if not need_dx:
+            return None
+        return dw_k.depthwise_backward_input(dy, w, x.shape, stride=self.stride, padding=self.padding)
+
+    def output_shape(self, input_shape):
+        _check_spatial(self, input_shape, self.in_channels)
+        g = conv_geometry(input_shape[0], input_shape[1], self.kernel_size, self.stride, self.padding)
+        return (g.oh, g.ow, self.out_channels)
+
+    def macs(self, input_shape):
+        oh, ow, k = self.output_shape(input_shape)
+        kh, kw = self.kernel_size
+        return oh * ow * k * kh * kw
+
+    def extra_ops(self, input_shape):
+        return {"bias": math.prod(self.output_shape(input_shape))} if "bias" in self.params else {}
+
+
+class PointwiseConv2D(Layer):
+    """1x1 convolution as one GEMM: ``kernel`` (C, K), optional ``bias`` (K,)."""
+
+    kind = "pointwise"
+    type_label = "Conv 1x1"
+
+    def __init__(self, in_channels, out_channels, *, use_bias=False, name=None, rng=None, dtype=np.float32):
+        super().__init__(name)
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self._add_param("kernel", _he_uniform(_rng(rng), (in_channels, out_channels), in_channels, dtype))
+        if use_bias:
+            self._add_param("bias", np.zeros(out_channels, dtype))
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4, self.in_channels)
+        y = pw_k.pointwise_forward(x, self.params["kernel"], self.params.get("bias"))
+        self._cache = x if training else None
+        return y
+
+    def backward(self, dy, need_dx=True):
+        x = self._take_cache()
+        w = self.params["kernel"]
+        self.grads["kernel"] += pw_k.pointwise_backward_weight(dy, x)
+        if "bias" in self.params:
+            self.grads["bias"] += pw_k.pointwise_backward_bias(dy)
+        if not need_dx:
+            return None
+        return pw_k.pointwise_backward_input(dy, w)
+
+    def output_shape(self, input_shape):
+        _check_spatial(self, input_shape, self.in_channels)
+        return (input_shape[0], input_shape[1], self.out_channels)
+
+    def macs(self, input_shape):
+        h, w, _ = self.output_shape(input_shape)
+        return h * w * self.in_channels * self.out_channels
+
+    def extra_ops(self, input_shape):
+        return {"bias": math.prod(self.output_shape(input_shape))} if "bias" in self.params else {}
+
+
+class BatchNorm(Layer):
+    """Batch normalization over every axis but the last (channels).
+
+    Training mode normalizes with the batch statistics and updates the buffers ``moving_mean`` and
+    ``moving_variance`` as ``moving = momentum * moving + (1 - momentum) * batch`` (Keras's convention, unbiased
+    batch variance); inference mode uses the moving statistics. Keras's defaults: momentum 0.99, eps 1e-3.
+    """
+
+    kind = "batchnorm"
+    type_label = "BatchNorm"
+
+    def __init__(self, channels, *, momentum=0.99, eps=1e-3, name=None, dtype=np.float32):
+        super().__init__(name)
+        self.channels = _positive_int("channels", channels)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self._add_param("gamma", np.ones(channels, dtype))
+        self._add_param("beta", np.zeros(channels, dtype))
+        self.buffers["moving_mean"] = np.zeros(channels, dtype)
+        self.buffers["moving_variance"] = np.ones(channels, dtype)
+
+    def forward(self, x, training=False):
+        if x.ndim not in (2, 4):
+            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
+        self._check_input(x, x.ndim, self.channels)
+        p, b = self.params, self.buffers
+        if training:
+            y, x_hat, inv_std = bn_k.batchnorm_forward_train(
+                x, p["gamma"], p["beta"], b["moving_mean"], b["moving_variance"], momentum=self.momentum,
+                eps=self.eps)
+            self._cache = (x_hat, inv_std)
+            return y
+        self._cache = None
+        return bn_k.batchnorm_forward_eval(x, p["gamma"], p["beta"], b["moving_mean"], b["moving_variance"],
+                                           eps=self.eps)
+
+    def backward(self, dy, need_dx=True):
+        x_hat, inv_std = self._take_cache()
+        dx, dgamma, dbeta = bn_k.batchnorm_backward(dy, x_hat, inv_std, self.params["gamma"])
+        self.grads["gamma"] += dgamma
+        self.grads["beta"] += dbeta
+        return dx if need_dx else None
+
+    def output_shape(self, input_shape):
+        if input_shape[-1] != self.channels:
+            raise ValueError(f"layer '{self.name}': per-sample input shape must end in {self.channels} channels, "
+                             f"got {tuple(input_shape)}")
+        return tuple(input_shape)
+
+    def extra_ops(self, input_shape):
+        return {"bn": math.prod(input_shape)}  # one multiply-add per element once folded into scale and shift
+
+
+class _Activation(Layer):
+    kind = "activation"
+    _forward = None
+    _backward = None
+
+    def forward(self, x, training=False):
+        if x.ndim not in (2, 4):
+            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
+        self._check_input(x, x.ndim)
+        y = type(self)._forward(x)
+        self._cache = y if training else None
+        return y
+
+    def backward(self, dy, need_dx=True):
+        y = self._take_cache()
+        return type(self)._backward(dy, y) if need_dx else None
+
+    def extra_ops(self, input_shape):
+        return {"activation": math.prod(input_shape)}
+
+
+class ReLU(_Activation):
+    """max(x, 0), the paper's nonlinearity."""
+
+    type_label = "ReLU"
+    _forward = staticmethod(act_k.relu_forward)
+    _backward = staticmethod(act_k.relu_backward)
+
+
+class ReLU6(_Activation):
+    """min(max(x, 0), 6), Keras MobileNet's nonlinearity."""
+
+    type_label = "ReLU6"
+    _forward = staticmethod(act_k.relu6_forward)
+    _backward = staticmethod(act_k.relu6_backward)
+
+
+def activation(kind, name=None):
+    """Build the activation layer named by ``kind``: 'relu' or 'relu6'."""
+    table = {"relu": ReLU, "relu6": ReLU6}
+    if kind not in table:
+        raise ValueError(f"activation must be one of {sorted(table)}, got {kind!r}")
+    return table[kind](name)
+
+
+class _Pool(Layer):
+    kind = "pool"
+
+    def __init__(self, kernel_size, stride=None, padding="valid", name=None):
+        super().__init__(name)
+        (kh, kw), stride, padding = normalize_window(kernel_size, kernel_size if stride is None else stride,
+                                                     padding)
+        self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
+
+    def output_shape(self, input_shape):
+        _check_spatial(self, input_shape, None)
+        g = conv_geometry(input_shape[0], input_shape[1], self.kernel_size, self.stride, self.padding)
+        return (g.oh, g.ow, input_shape[2])
+
+    def extra_ops(self, input_shape):
+        kh, kw = self.kernel_size
+        return {"pool": math.prod(self.output_shape(input_shape)) * kh * kw}
+
+
+class MaxPool2D(_Pool):
+    """Max pooling over KH x KW windows; the gradient goes to the (first) maximum of each window."""
+
+    type_label = "MaxPool"
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4)
+        y, argmax = pool_k.maxpool_forward(x, kernel_size=self.kernel_size, stride=self.stride,
+                                           padding=self.padding)
+        self._cache = (argmax, x.shape) if training else None
+        return y
+
+    def backward(self, dy, need_dx=True):
+        argmax, x_shape = self._take_cache()
+        return pool_k.maxpool_backward(dy, argmax, x_shape) if need_dx else None
+
+
+class AvgPool2D(_Pool):
+    """Average pooling over KH x KW windows, padding excluded from the average (TensorFlow's convention)."""
+
+    type_label = "AvgPool"
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4)
+        y = pool_k.avgpool_forward(x, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding)
+        self._cache = x.shape if training else None
+        return y
+
+    def backward(self, dy, need_dx=True):
+        x_shape = self._take_cache()
+        if not need_dx:
+            return None
+        return pool_k.avgpool_backward(dy, x_shape, kernel_size=self.kernel_size, stride=self.stride,
+                                       padding=self.padding)
+
+
+class GlobalAvgPool2D(Layer):
+    """Mean over height and width: (N, H, W, C) -> (N, C)."""
+
+    kind = "pool"
+    type_label = "AvgPool"
+
+    def forward(self, x, training=False):
+        self._check_input(x, 4)
+        self._cache = x.shape if training else None
+        return pool_k.global_avgpool_forward(x)
+
+    def backward(self, dy, need_dx=True):
+        x_shape = self._take_cache()
+        return pool_k.global_avgpool_backward(dy, x_shape) if need_dx else None
+
+    def output_shape(self, input_shape):
+        _check_spatial(self, input_shape, None)
+        return (input_shape[2],)
+
+    def extra_ops(self, input_shape):
+        return {"pool": math.prod(input_shape)}
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, zero each element with probability ``rate`` and scale the rest by
+    1 / (1 - rate); identity in inference. ``seed`` makes the masks reproducible."""
+
+    kind = "dropout"
+    type_label = "Dropout"
+
+    def __init__(self, rate, *, seed=None, name=None):
+        super().__init__(name)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+        self.rng = np.random.default_rng(seed)
+
+    def forward(self, x, training=False):
+        if not training or self.rate == 0.0:
+            self._cache = False if training else None  # backward of an identity is the identity
+            return x
+        y, mask = drop_k.dropout_forward(x, rate=self.rate, rng=self.rng)
+        self._cache = mask
+        return y
+
+    def backward(self, dy, need_dx=True):
+        mask = self._take_cache()
+        if not need_dx:
+            return None
+        return dy if mask is False else drop_k.dropout_backward(dy, mask)
+
+
+class Flatten(Layer):
+    """Reshape (N, H, W, C) to (N, H * W * C)."""
+
+    kind = "reshape"
+    type_label = "Reshape"
+
+    def forward(self, x, training=False):
+        self._cache = x.shape if training else None
+        return x.reshape(x.shape[0], -1)  # (N, H*W*C), a view when x is contiguous
+
+    def backward(self, dy, need_dx=True):
+        x_shape = self._take_cache()
+        return dy.reshape(x_shape) if need_dx else None
+
+    def output_shape(self, input_shape):
+        return (math.prod(input_shape),)
+
+
+class Linear(Layer):
+    """Fully connected layer: y = x @ kernel + bias, ``kernel`` (C, K) as Keras's Dense."""
+
+    kind = "linear"
+    type_label = "FC"
+
+    def __init__(self, in_features, out_features, *, use_bias=True, name=None, rng=None, dtype=np.float32):
+        super().__init__(name)
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        self._add_param("kernel", _glorot_uniform(_rng(rng), (in_features, out_features), in_features,
+                                                  out_features, dtype))
+        if use_bias:
+            self._add_param("bias", np.zeros(out_features, dtype))
+
+    def forward(self, x, training=False):
+        self._check_input(x, 2, self.in_features)
+        y = lin_k.linear_forward(x, self.params["kernel"], self.params.get("bias"))
+        self._cache = x if training else None
+        return y
+
+    def backward(self, dy, need_dx=True):
+        x = self._take_cache()
+        self.grads["kernel"] += lin_k.linear_backward_weight(dy, x)
+        if "bias" in self.params:
+            self.grads["bias"] += lin_k.linear_backward_bias(dy)
+        return lin_k.linear_backward_input(dy, self.params["kernel"]) if need_dx else None
+
+    def output_shape(self, input_shape):
+        if tuple(input_shape) != (self.in_features,):
+            raise ValueError(f"layer '{self.name}': per-sample input shape must be ({self.in_features},), "
+                             f"got {tuple(input_shape)}")
+        return (self.out_features,)
+
+    def macs(self, input_shape):
+        self.output_shape(input_shape)
+        return self.in_features * self.out_features
+
+    def extra_ops(self, input_shape):
+        return {"bias": self.out_features} if "bias" in self.params else {}

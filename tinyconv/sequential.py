@@ -1,0 +1,216 @@
+"""Sequential: layers run forward in order and backward in reverse, with named parameters and .npz state."""
+import numpy as np
+
+from kernels._check import check_finite
+from tinyconv.io import atomic_write
+from tinyconv.layer import Layer
+
+
+class StateError(ValueError):
+    """A saved state does not fit the model: missing, unexpected or mis-shaped entries."""
+
+
+class Sequential:
+    """A chain of layers.
+
+    Args:
+        layers: the layers, in order; names must be unique (they prefix parameter names: ``conv1/kernel``).
+        input_shape: per-sample input shape, e.g. (224, 224, 3); checked on every forward and used by
+            ``summary``-style shape inference.
+        name: model name.
+
+    Hooks: ``add_hook(fn)`` registers ``fn(phase, layer, event)`` called with phase 'forward' or 'backward' and
+    event 'start' or 'end' around each layer; the benchmark's per-layer profile uses it, layers know nothing of it.
+    """
+
+    def __init__(self, layers, *, input_shape=None, name="model"):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        seen = set()
+        for layer in layers:
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential takes Layer instances, got {type(layer).__name__}")
+            if layer.name in seen:
+                raise ValueError(f"layer names must be unique; '{layer.name}' appears twice")
+            seen.add(layer.name)
+        self.layers = layers
+        self.name = name
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.training = False
+        self._hooks = []
+        if self.input_shape is not None:
+            self.output_shape(self.input_shape)  # fail at construction on impossible geometry
+
+    # --- running -----------------------------------------------------------------------------------------------
+
+    def train(self):
+        """Switch to training mode (batch statistics, dropout on); returns self."""
+        self.training = True
+        return self
+
+    def eval(self):
+        """Switch to inference mode (moving statistics, dropout off); returns self."""
+        self.training = False
+        return self
+
+    def forward(self, x, training=None):
+        """Run every layer in order.
+
+        Args:
+            x: (N, *input_shape) float array, finite.
+            training: overrides the model's mode for this call when given.
+
+        Returns:
+            The last layer's output.
+        """
+        training = self.training if training is None else training
+        self._check_input(x)
+        hooks = self._hooks
+        for layer in self.layers:
+            if hooks:
+                self._run_hooks("forward", layer, "start")
+                x = layer.forward(x, training)
+                self._run_hooks("forward", layer, "end")
+            else:
+                x = layer.forward(x, training)
+        return x
+
+    __call__ = forward
+
+    def backward(self, dy, need_dx=False):
+        """Backpropagate ``dy`` through the layers in reverse, accumulating parameter gradients.
+
+        Returns:
+            The gradient with respect to the network input if ``need_dx``, else None (the first layer then skips
+            computing it).
+        """
+        hooks = self._hooks
+        last = len(self.layers) - 1
+        for i in range(last, -1, -1):
+            layer = self.layers[i]
+            want = need_dx or i > 0
+            if hooks:
+                self._run_hooks("backward", layer, "start")
+                dy = layer.backward(dy, want)
+                self._run_hooks("backward", layer, "end")
+            else:
+                dy = layer.backward(dy, want)
+        return dy
+
+    def _check_input(self, x):
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"model input must be a numpy array, got {type(x).__name__}")
+        if self.input_shape is not None and x.shape[1:] != self.input_shape:
+            raise ValueError(f"model '{self.name}' expects input (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got shape {x.shape}")
+        if x.dtype.kind == "f":
+            check_finite("model input", x)
+
+    def add_hook(self, fn):
+        """Register ``fn(phase, layer, event)``; returns a callable that removes it."""
+        self._hooks.append(fn)
+        return lambda: self._hooks.remove(fn)
+
+    def _run_hooks(self, phase, layer, event):
+        for fn in self._hooks:
+            fn(phase, layer, event)
+
+    # --- parameters and state ----------------------------------------------------------------------------------
+
+    def named_parameters(self):
+        """List of (``layer/param``, array, gradient) for every trainable parameter, in layer order."""
+        return [(f"{layer.name}/{k}", p, layer.grads[k]) for layer in self.layers for k, p in layer.params.items()]
+
+    def named_buffers(self):
+        """List of (``layer/buffer``, array) for every non-trainable state array."""
+        return [(f"{layer.name}/{k}", b) for layer in self.layers for k, b in layer.buffers.items()]
+
+    def zero_grad(self):
+        """Zero every parameter gradient in place."""
+        for layer in self.layers:
+            layer.zero_grad()
+
+    def astype(self, dtype):
+        """Cast every parameter, gradient and buffer (float32 or float64); returns self."""
+        for layer in self.layers:
+            layer.astype(dtype)
+        return self
+
+    def param_count(self, trainable_only=True):
+        """Number of trainable parameters, or with ``trainable_only=False`` all saved numbers."""
+        return sum(layer.param_count(trainable_only) for layer in self.layers)
+
+    def state_dict(self):
+        """Every parameter and buffer by full name (copies)."""
+        state = {name: p.copy() for name, p, _ in self.named_parameters()}
+        state.update({name: b.copy() for name, b in self.named_buffers()})
+        return state
+
+    def load_state_dict(self, state):
+        """Copy ``state`` into the model; names and shapes must match exactly.
+
+        Raises:
+            StateError: listing the missing and unexpected names, or the mis-shaped entries.
+        """
+        targets = {name: p for name, p, _ in self.named_parameters()}
+        targets.update(dict(self.named_buffers()))
+        missing = sorted(set(targets) - set(state))
+        unexpected = sorted(set(state) - set(targets))
+        if missing or unexpected:
+            raise StateError(f"state does not match model '{self.name}': missing {missing or 'none'}; "
+                             f"unexpected {unexpected or 'none'}")
+        wrong = [f"{n}: saved {np.shape(state[n])}, model {targets[n].shape}"
+                 for n in targets if np.shape(state[n]) != targets[n].shape]
+        if wrong:
+            raise StateError(f"state does not match model '{self.name}': wrong shapes: {'; '.join(wrong)}")
+        for n, dst in targets.items():
+            value = np.asarray(state[n])
+            if not np.isfinite(value).all():
+                raise StateError(f"state entry {n} contains NaN or Inf")
+            dst[...] = value
+
+    def save(self, path):
+        """Write the state to an ``.npz`` file atomically."""
+        state = self.state_dict()
+        atomic_write(path, lambda f: np.savez(f, **state))
+
+    def load(self, path):
+        """Load the state from an ``.npz`` file written by ``save``."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                state = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no saved state at {path}") from None
+        except (OSError, ValueError) as e:
+            raise StateError(f"{path} is not a readable .npz state file ({e})") from None
+        self.load_state_dict(state)
+
+    # --- analytic shapes and cost ------------------------------------------------------------------------------
+
+    def layer_shapes(self, input_shape=None):
+        """List of (layer, per-sample input shape, per-sample output shape), computed from shapes alone."""
+        shape = tuple(input_shape if input_shape is not None else self._need_input_shape())
+        rows = []
+        for layer in self.layers:
+            out = tuple(layer.output_shape(shape))
+            rows.append((layer, shape, out))
+            shape = out
+        return rows
+
+    def output_shape(self, input_shape=None):
+        """Per-sample output shape."""
+        return self.layer_shapes(input_shape)[-1][2]
+
+    def macs(self, input_shape=None):
+        """Multiply-accumulates per sample of the main ops (the paper's mult-adds)."""
+        return sum(layer.macs(shape) for layer, shape, _ in self.layer_shapes(input_shape))
+
+    def _need_input_shape(self):
+        if self.input_shape is None:
+            raise ValueError(f"model '{self.name}' was built without input_shape; pass one")
+        return self.input_shape
+
+    def __repr__(self):
+        return f"Sequential(name={self.name!r}, layers={len(self.layers)}, params={self.param_count():,})"
+
