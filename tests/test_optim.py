@@ -1,0 +1,153 @@
+"""Optimizers against PyTorch's (SGD, AdamW) and a written-out TF 1 RMSProp; schedules; state round trips."""
+import math
+
+import numpy as np
+import pytest
+
+from tinyconv.optim import SGD, Adam, LRSchedule, RMSProp, decays, make_optimizer
+
+
+def _params(seed=0, dtype=np.float64):
+    """A kernel (decayed) and a bias (never decayed) with gradients."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((3, 3, 2, 4)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    return [("conv/kernel", w, np.zeros_like(w)), ("conv/bias", b, np.zeros_like(b))]
+
+
+def _grads(params, rng):
+    for _, p, g in params:
+        g[...] = rng.standard_normal(p.shape)
+
+
+def _run(opt, params, steps=5, seed=1, lrs=None):
+    rng = np.random.default_rng(seed)
+    for t in range(steps):
+        _grads(params, rng)
+        if lrs is not None:
+            opt.lr = lrs[t]
+        opt.step()
+    return {n: p.copy() for n, p, _ in params}
+
+
+
+
+def _torch_run(make, params, steps=5, seed=1, lrs=None):
+    torch = pytest.importorskip("torch")
+    tensors = {n: torch.tensor(p.copy(), requires_grad=True) for n, p, _ in params}
+    decay = [t for n, t in tensors.items() if t.ndim >= 2]
+    no_decay = [t for n, t in tensors.items() if t.ndim < 2]
+    opt = make(torch, [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+    rng = np.random.default_rng(seed)
+    for t in range(steps):
+        for n, p, _ in params:
+            tensors[n].grad = torch.tensor(rng.standard_normal(p.shape))
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[t]
+        opt.step()
+    return {n: t.detach().numpy() for n, t in tensors.items()}
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_sgd_matches_torch(nesterov):
+    lrs = [0.1, 0.05, 0.2, 0.01, 0.1]
+    params = _params()
+    expected = _torch_run(lambda torch, groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=nesterov,
+                                                                weight_decay=5e-4 * 100), params, lrs=lrs)
+    got = _run(SGD(params, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=5e-4 * 100), params, lrs=lrs)
+    for n in got:
+        np.testing.assert_allclose(got[n], expected[n], rtol=1e-12, atol=1e-12, err_msg=n)
+
+
+def test_adam_matches_torch_adamw():
+    lrs = [1e-2, 5e-3, 2e-2, 1e-3, 1e-2]
+    params = _params()
+    expected = _torch_run(lambda torch, groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.5), params,
+                          lrs=lrs)
+    got = _run(Adam(params, lr=1e-2, weight_decay=0.5), params, lrs=lrs)
+    for n in got:
+        np.testing.assert_allclose(got[n], expected[n], rtol=1e-10, atol=1e-12, err_msg=n)
+
+
+def test_rmsprop_matches_tf1_formula():
+    params = _params()
+    ref = {n: p.copy() for n, p, _ in params}
+    ms = {n: np.ones_like(p) for n, p, _ in params}
+    mom = {n: np.zeros_like(p) for n, p, _ in params}
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        for n, p, _ in params:
+            g = rng.standard_normal(p.shape) + (0.01 * ref[n] if p.ndim >= 2 else 0.0)
+            ms[n] = 0.9 * ms[n] + 0.1 * g * g
+            mom[n] = 0.9 * mom[n] + 0.045 * g / np.sqrt(ms[n] + 1.0)
+            ref[n] = ref[n] - mom[n]
+    got = _run(RMSProp(params, lr=0.045, weight_decay=0.01), params)
+    for n in got:
+        np.testing.assert_allclose(got[n], ref[n], rtol=1e-12, err_msg=n)
+
+
+def test_weight_decay_skips_bn_and_bias():
+    assert decays(np.zeros((3, 3, 1, 2))) and decays(np.zeros((4, 5)))
+    assert not decays(np.zeros(5))
+    for kind in ("sgd", "rmsprop", "adam"):
+        params = _params()
+        b0 = params[1][1].copy()
+        opt = make_optimizer(kind, params, lr=0.1, weight_decay=1.0)
+        opt.step()  # zero gradients: only decay could move a parameter
+        np.testing.assert_array_equal(params[1][1], b0)
+        assert not np.array_equal(params[0][1], _params()[0][1]), kind
+
+
+def test_float32_stays_float32_and_state_round_trips():
+    a, b = _params(dtype=np.float32), _params(dtype=np.float32)
+    opt_a = SGD(a, lr=0.1, weight_decay=1e-3)
+    _run(opt_a, a, steps=3)
+    assert all(p.dtype == np.float32 for _, p, _ in a)
+    for (_, pa, _), (_, pb, _) in zip(a, b):
+        pb[...] = pa
+    opt_b = SGD(b, lr=0.1, weight_decay=1e-3)
+    opt_b.load_state_dict(opt_a.state_dict())
+    assert opt_b.steps == 3
+    _run(opt_a, a, steps=2, seed=7)
+    _run(opt_b, b, steps=2, seed=7)
+    for (_, pa, _), (_, pb, _) in zip(a, b):
+        np.testing.assert_array_equal(pa, pb)
+
+
+def test_load_state_rejects_mismatch():
+    opt = Adam(_params(), lr=1e-3)
+    state = opt.state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        opt.load_state_dict({k: v for k, v in state.items() if k != "conv/bias/m"})
+    with pytest.raises(ValueError, match="wrong shapes"):
+        opt.load_state_dict({**state, "conv/bias/m": np.zeros(5)})
+    with pytest.raises(ValueError, match="NaN"):
+        opt.load_state_dict({**state, "conv/bias/v": np.full(4, np.nan)})
+
+
+@pytest.mark.parametrize("bad", [dict(lr=0), dict(lr=-1), dict(lr=float("nan")), dict(lr=0.1, momentum=1.0),
+                                 dict(lr=0.1, weight_decay=-1)])
+def test_bad_hyperparameters_raise(bad):
+    with pytest.raises(ValueError):
+        SGD(_params(), **bad)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer("lamb", _params(), lr=0.1)
+
+
+def test_schedules():
+    cos = LRSchedule("cosine", lr=0.1, total_steps=110, warmup_steps=10)
+    assert [cos(s) for s in range(3)] == pytest.approx([0.01, 0.02, 0.03])
+    assert cos(9) == pytest.approx(0.1) and cos(10) == pytest.approx(0.1)
+    assert cos(60) == pytest.approx(0.05)
+    assert cos(110) == pytest.approx(0.0, abs=1e-12)
+    lrs = [cos(s) for s in range(10, 110)]
+    assert all(x >= y for x, y in zip(lrs, lrs[1:]))
+    step = LRSchedule("step", lr=1.0, total_steps=100)
+    assert (step(49), step(50), step(75)) == pytest.approx((1.0, 0.1, 0.01))
+    assert LRSchedule("constant", lr=0.3, total_steps=5, warmup_steps=2)(3) == 0.3
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        LRSchedule("linear", lr=0.1, total_steps=10)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        LRSchedule("cosine", lr=0.1, total_steps=10, warmup_steps=11)
+    assert math.isfinite(LRSchedule("cosine", lr=0.1, total_steps=1, warmup_steps=1)(0))
