@@ -1,0 +1,213 @@
+"""Standard 2-D convolution, NHWC with HWIO weights (as Keras): forward and backward.
+
+Shape legend:
+    N batch, H W input size, C input channels, K output channels, KH KW kernel, OH OW output size,
+    sh sw strides, pt pb pl pr zero padding top/bottom/left/right (from geometry.conv_geometry).
+
+Design: im2col + one GEMM. A parallel Numba loop copies each output pixel's receptive field into one row of
+``cols`` (N*OH*OW, KH*KW*C) with columns ordered (kh, kw, c), which is exactly the row order of
+``w.reshape(KH*KW*C, K)`` for HWIO weights, so
+    forward          y2d   = cols @ w2d            (NOHOW, K)
+    backward weight  dw2d  = cols.T @ dy2d         (KH*KW*C, K)
+    backward input   dcols = dy2d @ w2d.T          (NOHOW, KH*KW*C), then col2im adds each entry back onto the input
+                     pixel it was copied from.
+The GEMMs run in NumPy's BLAS, called from Python: BLAS threads must not start inside a parallel Numba region.
+Padding is never materialised: im2col writes zeros for taps that fall in the padding, col2im skips them.
+col2im is written as a gather over input rows (n, ih), so each parallel iteration owns the rows it writes.
+"""
+import numpy as np
+from numba import prange
+
+from ._check import check_float_array, check_same_dtype, check_shape
+from ._jit import parallel_kernel
+from .geometry import conv_geometry, normalize_window
+from .pointwise import pointwise_backward_bias
+
+
+@parallel_kernel
+def _im2col(cols, x, sh, sw, pt, pl):
+    """cols[n, oh, ow, kh, kw, :] = x[n, oh*sh - pt + kh, ow*sw - pl + kw, :], or 0 in the padding.
+
+    cols: (N, OH, OW, KH, KW, C) output, written entirely; x: (N, H, W, C).
+    """
+    N, OH, OW, KH, KW, C = cols.shape
+    H, W = x.shape[1], x.shape[2]
+    for r in prange(N * OH):
+        n = r // OH
+        oh = r - n * OH
+        for ow in range(OW):
+            for kh in range(KH):
+                ih = oh * sh - pt + kh
+                for kw in range(KW):
+                    iw = ow * sw - pl + kw
+                    dst = cols[n, oh, ow, kh, kw]
+                    if 0 <= ih < H and 0 <= iw < W:
+                        src = x[n, ih, iw]
+                        for c in range(C):
+                            dst[c] = src[c]
+                    else:
+                        for c in range(C):
+                            dst[c] = 0.0
+
+
+@parallel_kernel
+def _col2im(dx, dcols, sh, sw, pt, pl):
+    """dx[n, ih, iw, :] = sum of dcols[n, oh, ow, kh, kw, :] over all (oh, ow, kh, kw) that read x[n, ih, iw].
+
+    dx: (N, H, W, C) output, written entirely; dcols: (N, OH, OW, KH, KW, C).
+    Input row ih is read by output row oh through tap kh when oh*sh - pt + kh == ih.
+    """
+    N, H, W, C = dx.shape
+    OH, OW, KH, KW = dcols.shape[1], dcols.shape[2], dcols.shape[3], dcols.shape[4]
+    for r in prange(N * H):
+        n = r // H
+        ih = r - n * H
+        dxrow = dx[n, ih]  # (W, C)
+        dxrow[:] = 0.0
+        for kh in range(KH):
+            t = ih + pt - kh
+            if t < 0 or t % sh != 0 or t // sh >= OH:
+                continue
+            oh = t // sh
+            for ow in range(OW):
+                for kw in range(KW):
+                    iw = ow * sw - pl + kw
+                    if 0 <= iw < W:
+                        src = dcols[n, oh, ow, kh, kw]
+                        dst = dxrow[iw]
+                        for c in range(C):
+                            dst[c] += src[c]
+
+
+def _check_shape_arg(name, shape, legend):
+    """Require a 4-tuple of positive ints (a shape passed to a backward call), returned as a tuple."""
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of 4 ints {legend}, got {shape!r}") from None
+    if len(shape) != 4 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in shape):
+        raise TypeError(f"{name} must be a tuple of 4 ints {legend}, got {shape!r}")
+    if min(shape) < 1:
+        raise ValueError(f"{name} must have every size >= 1 {legend}, got {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+def _check_channels(x_shape, w_shape, legend):
+    """Require w's axis 2 (input channels) to equal x's channels."""
+    if w_shape[2] != x_shape[3]:
+        raise ValueError(f"w must have C={x_shape[3]} input channels on axis 2 of {legend} to match the input "
+                         f"{x_shape}, got w shape {w_shape}")
+
+
+def _check_dy(dy, expected, legend):
+    check_float_array("dy", dy, 4, legend)
+    check_shape("dy", dy, expected)
+
+
+def _cols(x, w_shape, g, stride):
+    """im2col of x for a KH x KW window: (N*OH*OW, KH*KW*C)."""
+    N, _, _, C = x.shape
+    KH, KW = w_shape[0], w_shape[1]
+    sh, sw = normalize_window((KH, KW), stride, "valid")[1]
+    cols = np.empty((N, g.oh, g.ow, KH, KW, C), x.dtype)
+    _im2col(cols, np.ascontiguousarray(x), sh, sw, g.pt, g.pl)
+    return cols.reshape(N * g.oh * g.ow, KH * KW * C)  # (NOHOW, KH*KW*C)
+
+
+def conv2d_forward(x, w, b=None, *, stride=1, padding="valid"):
+    """Standard convolution (cross-correlation, as in every DL framework).
+
+    y[n, oh, ow, k] = b[k] + sum_{kh, kw, c} x[n, oh*sh - pt + kh, ow*sw - pl + kw, c] * w[kh, kw, c, k]
+
+    Args:
+        x: (N, H, W, C) float32 or float64, any strides.
+        w: (KH, KW, C, K), same dtype.
+        b: optional bias (K,), same dtype.
+        stride: int or (sh, sw).
+        padding: 'same' (TensorFlow rule, odd pad bottom/right), 'valid', int or (ph, pw).
+
+    Returns:
+        y: (N, OH, OW, K), x's dtype.
+    """
+    check_float_array("x", x, 4, "(N, H, W, C)")
+    check_float_array("w", w, 4, "(KH, KW, C, K)")
+    if b is not None:
+        check_float_array("b", b, 1, "(K,)")
+        check_shape("b", b, (w.shape[3],))
+    check_same_dtype(x=x, w=w, b=b)
+    _check_channels(x.shape, w.shape, "(KH, KW, C, K)")
+    N, H, W, C = x.shape
+    KH, KW, _, K = w.shape
+    g = conv_geometry(H, W, (KH, KW), stride, padding)
+    cols = _cols(x, w.shape, g, stride)
+    y = np.empty((N, g.oh, g.ow, K), x.dtype)
+    y2d = y.reshape(N * g.oh * g.ow, K)  # (NOHOW, K)
+    np.matmul(cols, w.reshape(KH * KW * C, K), out=y2d)
+    if b is not None:
+        y2d += b
+    return y
+
+
+def conv2d_backward_input(dy, w, x_shape, *, stride=1, padding="valid"):
+    """Gradient of the loss with respect to the convolution's input.
+
+    Args:
+        dy: (N, OH, OW, K) upstream gradient, float32 or float64, any strides.
+        w: (KH, KW, C, K), same dtype.
+        x_shape: (N, H, W, C) of the forward input.
+        stride, padding: as in the forward call.
+
+    Returns:
+        dx: (N, H, W, C), dy's dtype.
+    """
+    x_shape = _check_shape_arg("x_shape", x_shape, "(N, H, W, C)")
+    check_float_array("w", w, 4, "(KH, KW, C, K)")
+    _check_channels(x_shape, w.shape, "(KH, KW, C, K)")
+    N, H, W, C = x_shape
+    KH, KW, _, K = w.shape
+    g = conv_geometry(H, W, (KH, KW), stride, padding)
+    _check_dy(dy, (N, g.oh, g.ow, K), "(N, OH, OW, K)")
+    check_same_dtype(dy=dy, w=w)
+    dy2d = np.ascontiguousarray(dy).reshape(N * g.oh * g.ow, K)  # (NOHOW, K)
+    dcols = dy2d @ w.reshape(KH * KW * C, K).T  # (NOHOW, KH*KW*C)
+    dx = np.empty(x_shape, dy.dtype)
+    sh, sw = normalize_window((KH, KW), stride, padding)[1]
+    _col2im(dx, dcols.reshape(N, g.oh, g.ow, KH, KW, C), sh, sw, g.pt, g.pl)
+    return dx
+
+
+def conv2d_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
+    """Gradient of the loss with respect to the convolution's weights.
+
+    Args:
+        dy: (N, OH, OW, K) upstream gradient, float32 or float64, any strides.
+        x: (N, H, W, C) forward input, same dtype.
+        w_shape: (KH, KW, C, K) of the weights.
+        stride, padding: as in the forward call.
+
+    Returns:
+        dw: (KH, KW, C, K), dy's dtype.
+    """
+    w_shape = _check_shape_arg("w_shape", w_shape, "(KH, KW, C, K)")
+    check_float_array("x", x, 4, "(N, H, W, C)")
+    _check_channels(x.shape, w_shape, "(KH, KW, C, K)")
+    N, H, W, C = x.shape
+    KH, KW, _, K = w_shape
+    g = conv_geometry(H, W, (KH, KW), stride, padding)
+    _check_dy(dy, (N, g.oh, g.ow, K), "(N, OH, OW, K)")
+    check_same_dtype(dy=dy, x=x)
+    cols = _cols(x, w_shape, g, stride)
+    dy2d = np.ascontiguousarray(dy).reshape(N * g.oh * g.ow, K)  # (NOHOW, K)
+    return (cols.T @ dy2d).reshape(w_shape)  # (KH*KW*C, NOHOW) @ (NOHOW, K)
+
+
+def conv2d_backward_bias(dy):
+    """Gradient of the loss with respect to the bias: dy summed over batch and pixels.
+
+    Args:
+        dy: (N, OH, OW, K) upstream gradient, float32 or float64, any strides.
+
+    Returns:
+        db: (K,), dy's dtype.
+    """
+    return pointwise_backward_bias(dy)  # the bias gradient does not depend on the window
