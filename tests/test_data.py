@@ -199,6 +199,11 @@ def test_idx_corrupt_files_raise_naming_the_file(tmp_path, case):
     assert "apt-get install dataset-fashion-mnist" in str(e.value)
 
 
+def test_nowhere_to_look_raises():
+    with pytest.raises(DatasetError, match=r"\$TINYCONV_DATA: not set, and no data_dir given: nowhere to look"):
+        load_dataset("mnist")
+
+
 def test_missing_folder_raises(tmp_path):
     with pytest.raises(DatasetError, match="no such folder") as e:
         load_dataset("mnist", data_dir=tmp_path / "nowhere")

@@ -12,8 +12,9 @@ The pipeline runs in three stages so the per-batch work stays small:
    ``Normalization.fit`` computes per-channel mean and std on the prepared training split and is kept (``to_dict``)
    so evaluation and prediction normalize exactly like training.
 3. ``iterate_batches`` gathers a batch, augments it in ``uint8`` (random crop with padding and horizontal flip, one
-   vectorized gather for the whole batch) and normalizes it into float32. For 128 RGB images of 32x32 this costs
-   about 0.5 ms, two orders of magnitude below a training step, so there is no background prefetch thread.
+   vectorized gather for the whole batch) and normalizes it into float32. A batch of 128 32x32 images costs about
+   0.3 ms gray and 0.7 ms RGB (over 150k images/s), two orders of magnitude below a training step, so there is no
+   background prefetch thread.
 
 Reproducibility: every random draw is a pure function of ``(seed, epoch, batch)``. Epoch ``e``'s order comes from
 ``SeedSequence(seed, spawn_key=(e, 0, 0))`` and batch ``b``'s augmentation from ``spawn_key=(e, 1, b)``, so a
@@ -165,8 +166,7 @@ def _find_dataset_dir(name, data_dir=None, *, marker):
     how = _SOURCES[name]["how"]
     roots = _candidate_roots(name, data_dir)
     if not roots:
-        raise DatasetError(Path.cwd(), f"no folder to search for {name} (data_dir not given and {ENV_VAR} not "
-                                       "set)", how)
+        raise DatasetError(f"${ENV_VAR}", f"not set, and no data_dir given: nowhere to look for {name}", how)
     searched = []
     for root in roots:
         subdir = _SOURCES[name]["subdir"]
