@@ -1,0 +1,224 @@
+"""Whole-network tests of the layer graph: end-to-end float64 gradients, state files, modes and bad input."""
+import numpy as np
+import pytest
+
+from gradcheck import check_directional, check_grad
+from tinyconv import (BatchNorm, Conv2D, DepthwiseConv2D, Dropout, Flatten, GlobalAvgPool2D, Linear, MaxPool2D,
+                      PointwiseConv2D, ReLU, ReLU6, Sequential, SoftmaxCrossEntropy, StateError)
+
+
+def small_net(seed=0, dtype=np.float64, act=ReLU, pool="global"):
+    """conv-BN-ReLU-depthwise-BN-ReLU-pointwise-pool-FC, as the issue asks, with a bias on the first conv."""
+    rng = np.random.default_rng(seed)
+    tail = [GlobalAvgPool2D(name="pool")] if pool == "global" else [
+        MaxPool2D(2, name="pool"), Flatten(name="flatten")]
+    fc_in = 6 if pool == "global" else 2 * 2 * 6
+    layers = [
+        Conv2D(3, 4, 3, stride=2, padding="same", use_bias=True, name="conv1", rng=rng, dtype=dtype),
+        BatchNorm(4, name="conv1_bn", dtype=dtype),
+        act(name="conv1_act"),
+        DepthwiseConv2D(4, 3, stride=1, padding="same", name="conv_dw_1", rng=rng, dtype=dtype),
+        BatchNorm(4, name="conv_dw_1_bn", dtype=dtype),
+        act(name="conv_dw_1_act"),
+        PointwiseConv2D(4, 6, name="conv_pw_1", rng=rng, dtype=dtype),
+        *tail,
+        Linear(fc_in, 5, name="fc", rng=rng, dtype=dtype),
+    ]
+    return Sequential(layers, input_shape=(8, 8, 3), name="small")
+
+
+def loss_and_grads(model, x, labels, loss):
+    model.zero_grad()
+    logits = model.forward(x, training=True)
+    value = loss.forward(logits, labels)
+    dx = model.backward(loss.backward(), need_dx=True)
+    return value, dx
+
+
+@pytest.mark.parametrize("act,pool", [(ReLU, "global"), (ReLU6, "max")])
+def test_whole_network_gradient_float64(act, pool):
+    rng = np.random.default_rng(1)
+    model = small_net(dtype=np.float64, act=act, pool=pool)
+    for layer in model.layers:  # non-trivial BN affine parameters and bias so their gradients are exercised
+        for k, p in layer.params.items():
+            if k in ("gamma", "beta", "bias"):
+                p[...] = rng.uniform(0.5, 1.5, p.shape) if k == "gamma" else rng.normal(0, 0.3, p.shape)
+    x = rng.standard_normal((3, 8, 8, 3))
+    labels = np.array([0, 3, 4])
+    loss = SoftmaxCrossEntropy(label_smoothing=0.1)
+    _, dx = loss_and_grads(model, x, labels, loss)
+
+    def f():
+        return np.array(SoftmaxCrossEntropy(label_smoothing=0.1).forward(model.forward(x, training=True), labels))
+
+    one = np.array(1.0)
+    for name, p, g in model.named_parameters():
+        analytic = g.copy()
+        if p.size <= 64:
+            check_grad(f, p, one, analytic, rtol=1e-5, atol_floor=1e-9, name=name)
+        else:
+            check_directional(f, p, one, analytic, rng, n_dirs=4, rtol=1e-6, name=name)
+    check_directional(f, x, one, dx, rng, n_dirs=4, rtol=1e-6, name="input")
+
+
+def test_backward_skips_input_gradient_by_default():
+    model = small_net()
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
+    loss = SoftmaxCrossEntropy()
+    loss.forward(model.forward(x, training=True), np.array([1, 2]))
+    assert model.backward(loss.backward()) is None
+    # conv1/bias is left out: batch norm right after it removes the mean, so its true gradient is zero
+    assert all(np.any(g != 0) for name, _, g in model.named_parameters() if name != "conv1/bias")
+
+
+def test_gradients_accumulate_until_zeroed():
+    model = small_net()
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3))
+    labels = np.array([1, 2])
+    loss = SoftmaxCrossEntropy()
+    loss_and_grads(model, x, labels, loss)
+    once = {n: g.copy() for n, _, g in model.named_parameters()}
+    loss.forward(model.forward(x, training=True), labels)
+    model.backward(loss.backward())
+    for n, _, g in model.named_parameters():
+        np.testing.assert_allclose(g, 2 * once[n], rtol=1e-12, atol=1e-15)
+    model.zero_grad()
+    assert all(not g.any() for _, _, g in model.named_parameters())
+
+
+def test_train_and_eval_modes_differ_only_where_they_should():
+    model = small_net(dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 3)).astype(np.float32)
+    before = {n: b.copy() for n, b in model.named_buffers()}
+    y_eval = model.eval().forward(x)
+    assert all(np.array_equal(before[n], b) for n, b in model.named_buffers()), "eval must not touch BN buffers"
+    model.train().forward(x)
+    assert any(not np.array_equal(before[n], b) for n, b in model.named_buffers()), "train must update them"
+    np.testing.assert_array_equal(model.eval().forward(x), model.eval().forward(x))
+    assert y_eval.shape == (4, 5)
+
+
+def test_dropout_is_identity_in_eval_and_seeded_in_training():
+    x = np.random.default_rng(0).standard_normal((4, 10))
+    a, b = Dropout(0.5, seed=3), Dropout(0.5, seed=3)
+    np.testing.assert_array_equal(a.forward(x, training=False), x)
+    np.testing.assert_array_equal(a.forward(x, training=True), b.forward(x, training=True))
+
+
+def test_output_shape_matches_forward():
+    model = small_net(dtype=np.float32)
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    assert model.forward(x).shape[1:] == model.output_shape()
+    shapes = [out for _, _, out in model.layer_shapes()]
+    assert shapes[0] == (4, 4, 4) and shapes[-1] == (5,)
+
+
+def test_save_load_roundtrip(tmp_path):
+    a, b = small_net(seed=0, dtype=np.float32), small_net(seed=1, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    a.train().forward(x)  # move the BN buffers away from their initial values
+    a.save(tmp_path / "m.npz")
+    b.load(tmp_path / "m.npz")
+    for (n, p), (m, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert n == m
+        np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(a.eval().forward(x), b.eval().forward(x))
+    assert not list(tmp_path.glob("*.tmp")), "atomic save must leave no temporary file"
+
+
+def test_load_names_missing_and_unexpected(tmp_path):
+    model = small_net(dtype=np.float32)
+    state = model.state_dict()
+    del state["conv1/bias"]
+    state["conv9/kernel"] = np.zeros(3, np.float32)
+    with pytest.raises(StateError, match=r"missing \['conv1/bias'\].*unexpected \['conv9/kernel'\]"):
+        model.load_state_dict(state)
+
+
+def test_load_names_wrong_shapes_and_bad_files(tmp_path):
+    model = small_net(dtype=np.float32)
+    state = model.state_dict()
+    state["fc/kernel"] = np.zeros((2, 2), np.float32)
+    with pytest.raises(StateError, match=r"fc/kernel: saved \(2, 2\)"):
+        model.load_state_dict(state)
+    with pytest.raises(FileNotFoundError, match="no saved state"):
+        model.load(tmp_path / "absent.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(StateError, match="not a readable"):
+        model.load(tmp_path / "junk.npz")
+
+
+def test_load_rejects_nan_state():
+    model = small_net(dtype=np.float32)
+    state = model.state_dict()
+    state["fc/bias"][0] = np.nan
+    with pytest.raises(StateError, match="fc/bias contains NaN"):
+        model.load_state_dict(state)
+
+
+def test_hooks_see_every_layer_in_order():
+    model = small_net(dtype=np.float32)
+    events = []
+    remove = model.add_hook(lambda phase, layer, event: events.append((phase, layer.name, event)))
+    loss = SoftmaxCrossEntropy()
+    loss.forward(model.forward(np.ones((1, 8, 8, 3), np.float32), training=True), np.array([0]))
+    model.backward(loss.backward())
+    names = [layer.name for layer in model.layers]
+    assert [n for p, n, e in events if p == "forward" and e == "start"] == names
+    assert [n for p, n, e in events if p == "backward" and e == "end"] == names[::-1]
+    remove()
+    events.clear()
+    model.forward(np.ones((1, 8, 8, 3), np.float32))
+    assert not events
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_model_rejects_wrong_input_shape_dtype_and_nan():
+    model = small_net(dtype=np.float32)
+    with pytest.raises(ValueError, match=r"expects input \(N, 8, 8, 3\), got shape \(2, 8, 8, 4\)"):
+        model.forward(np.zeros((2, 8, 8, 4), np.float32))
+    with pytest.raises(TypeError, match="float32 or float64, got int64"):
+        model.forward(np.zeros((2, 8, 8, 3), np.int64))
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    x[1, 2, 3, 0] = np.inf
+    with pytest.raises(ValueError, match="model input contains 1 NaN or Inf"):
+        model.forward(x)
+    with pytest.raises(TypeError, match="numpy array"):
+        model.forward([[1.0]])
+
+
+def test_layer_rejects_wrong_channels_and_rank():
+    conv = Conv2D(3, 4, 3, name="c")
+    with pytest.raises(ValueError, match=r"layer 'c': input must have 3 channels"):
+        conv.forward(np.zeros((1, 5, 5, 2), np.float32))
+    with pytest.raises(ValueError, match=r"layer 'c': input must be 4-D"):
+        conv.forward(np.zeros((5, 5, 3), np.float32))
+    with pytest.raises(TypeError, match=r"layer 'c': input dtype float64 differs"):
+        conv.forward(np.zeros((1, 5, 5, 3), np.float64))
+    fc = Linear(4, 2, name="fc")
+    with pytest.raises(ValueError, match=r"layer 'fc': input must have 4 channels"):
+        fc.forward(np.zeros((1, 3), np.float32))
+
+
+def test_impossible_geometry_fails_at_construction():
+    with pytest.raises(ValueError, match="kernel height 5 is larger than the padded input height 4"):
+        Sequential([Conv2D(1, 1, 5, padding="valid")], input_shape=(4, 4, 1))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        DepthwiseConv2D(3, 3, stride=0)
+    with pytest.raises(ValueError, match="padding must be 'same', 'valid'"):
+        Conv2D(3, 3, 3, padding="full")
+    with pytest.raises(ValueError, match="in_channels must be a positive int"):
+        PointwiseConv2D(0, 3)
+    with pytest.raises(ValueError, match="dropout rate must be in"):
+        Dropout(1.0)
+    with pytest.raises(ValueError, match="unique"):
+        Sequential([ReLU(name="a"), ReLU(name="a")])
+
+
+def test_backward_without_forward_is_a_clear_error():
+    layer = ReLU(name="r")
+    layer.forward(np.ones((1, 2), np.float32), training=False)
+    with pytest.raises(RuntimeError, match="layer 'r': backward called without"):
+        layer.backward(np.ones((1, 2), np.float32))
