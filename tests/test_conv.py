@@ -1,0 +1,121 @@
+"""kernels.conv: standard convolution against its loop oracle, finite differences and PyTorch; bad input."""
+import numpy as np
+import pytest
+from hypothesis import given
+
+import oracles_conv as oracle
+from gradcheck import assert_close, check_directional, check_grad
+from kernels.conv import conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+
+FULL_CHECK_MAX = 80  # x.size + w.size up to which every coordinate is checked by finite differences
+
+
+def _inputs(case):
+    """float64 inputs whose values are exactly representable in float32, so one float64 oracle serves both."""
+    rng = np.random.default_rng(case["seed"])
+    x = oracle.make_array(rng, (case["N"], case["H"], case["W"], case["C"]), case["layout"]).astype(np.float32)
+    w = oracle.make_array(rng, (case["KH"], case["KW"], case["C"], case["K"]), case["layout"]).astype(np.float32)
+    b = rng.standard_normal(case["K"]).astype(np.float32)
+    return rng, x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+
+
+@pytest.mark.parametrize("stride, padding", [(1, "valid"), (2, "same"), ((1, 2), 1), (3, (2, 0))])
+def test_oracle_backward_matches_finite_differences(stride, padding):
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 5, 4, 2)), rng.standard_normal((3, 2, 2, 3)), rng.standard_normal(3)
+    f = lambda: oracle.conv2d_forward(x, w, b, stride, padding)  # noqa: E731
+    dy = rng.standard_normal(f().shape)
+    check_grad(f, x, dy, oracle.conv2d_backward_input(dy, w, x.shape, stride, padding), name="dx")
+    check_grad(f, w, dy, oracle.conv2d_backward_weight(dy, x, w.shape, stride, padding), name="dw")
+    check_grad(f, b, dy, oracle.conv2d_backward_bias(dy), name="db")
+
+
+@given(oracle.window_cases())
+def test_matches_oracle_and_finite_differences(case):
+    """float64 equals the oracle tightly and its gradients equal finite differences; float32 is within 1e-4."""
+    rng, x, w, b = _inputs(case)
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    y = oracle.conv2d_forward(x, w, b, **kw)
+    dy = rng.standard_normal(y.shape).astype(np.float32).astype(np.float64)
+    want = dict(y=y, dx=oracle.conv2d_backward_input(dy, w, x.shape, **kw),
+                dw=oracle.conv2d_backward_weight(dy, x, w.shape, **kw), db=oracle.conv2d_backward_bias(dy))
+    for dtype, rtol, floor in ((np.float64, 1e-12, 1e-12), (np.float32, 1e-4, 1e-5)):
+        xd, wd, bd, dyd = (a.astype(dtype) for a in (x, w, b, dy))
+        got = dict(y=conv2d_forward(xd, wd, bd, **kw), dx=conv2d_backward_input(dyd, wd, x.shape, **kw),
+                   dw=conv2d_backward_weight(dyd, xd, w.shape, **kw), db=conv2d_backward_bias(dyd))
+        for name, value in got.items():
+            assert value.dtype == dtype, name
+            assert_close(value, want[name], rtol=rtol, atol_floor=floor, name=f"{name} {np.dtype(dtype)}")
+
+    f = lambda: conv2d_forward(x, w, b, **kw)  # noqa: E731
+    with oracle.one_numba_thread():
+        check_directional(f, x, dy, want["dx"], rng, name="dx")
+        check_directional(f, w, dy, want["dw"], rng, name="dw")
+        if x.size + w.size <= FULL_CHECK_MAX:
+            x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+            check_grad(f, x, dy, want["dx"], name="dx")
+            check_grad(f, w, dy, want["dw"], name="dw")
+            check_grad(f, b, dy, want["db"], name="db")
+
+
+@given(oracle.window_cases())
+def test_matches_torch(case):
+    pytest.importorskip("torch")
+    rng, x, w, b = _inputs(case)
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    y = conv2d_forward(x, w, b, **kw)
+    dy = rng.standard_normal(y.shape)
+    ty, tdx, tdw, tdb = oracle.torch_conv(x, w.transpose(3, 2, 0, 1), b, dy, groups=1, **kw)  # HWIO -> OIHW
+    assert_close(y, ty, rtol=1e-12, name="y")
+    assert_close(conv2d_backward_input(dy, w, x.shape, **kw), tdx, rtol=1e-12, name="dx")
+    assert_close(conv2d_backward_weight(dy, x, w.shape, **kw), tdw.transpose(2, 3, 1, 0), rtol=1e-12, name="dw")
+    assert_close(conv2d_backward_bias(dy), tdb, rtol=1e-12, name="db")
+
+
+def test_checker_catches_a_wrong_backward():
+    """The directional check must fail when the weight gradient uses a spatially flipped kernel."""
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 6, 6, 3)), rng.standard_normal((3, 3, 3, 2))
+    f = lambda: conv2d_forward(x, w, padding="same")  # noqa: E731
+    dy = rng.standard_normal(f().shape)
+    wrong_dx = conv2d_backward_input(dy, w[::-1, ::-1], x.shape, padding="same")
+    with pytest.raises(AssertionError):
+        check_directional(f, x, dy, wrong_dx, rng, name="dx")
+
+
+# ---- bad input: each raises before any kernel runs, naming the argument ----
+
+X = np.zeros((2, 5, 5, 3))
+W = np.zeros((3, 3, 3, 4))
+DY = np.zeros((2, 3, 3, 4))
+
+
+@pytest.mark.parametrize("call, error, names", [
+    (lambda: conv2d_forward(X[0], W), ValueError, ["x", "(N, H, W, C)"]),
+    (lambda: conv2d_forward(X, W[0]), ValueError, ["w", "(KH, KW, C, K)"]),
+    (lambda: conv2d_forward(X, np.zeros((3, 3, 2, 4))), ValueError, ["w", "C=3"]),
+    (lambda: conv2d_forward(X.astype(np.int64), W), TypeError, ["x", "int64"]),
+    (lambda: conv2d_forward(X.astype(np.float32), W), TypeError, ["x=float32", "w=float64"]),
+    (lambda: conv2d_forward(X, W, np.zeros(4, np.float32)), TypeError, ["b=float32"]),
+    (lambda: conv2d_forward(X, W, np.zeros(3)), ValueError, ["b", "(4)"]),
+    (lambda: conv2d_forward([[1.0]], W), TypeError, ["x", "list"]),
+    (lambda: conv2d_forward(X, W, stride=0), ValueError, ["stride", ">= 1"]),
+    (lambda: conv2d_forward(X, W, stride=1.5), TypeError, ["stride"]),
+    (lambda: conv2d_forward(X, W, padding="full"), ValueError, ["padding", "'full'"]),
+    (lambda: conv2d_forward(X, W, padding=-1), ValueError, ["padding", ">= 0"]),
+    (lambda: conv2d_forward(X, np.zeros((7, 3, 3, 4))), ValueError, ["kernel height 7", "padded input height 5"]),
+    (lambda: conv2d_backward_input(DY, W, (2, 5, 5)), TypeError, ["x_shape", "(N, H, W, C)"]),
+    (lambda: conv2d_backward_input(DY, W, (2, 5, 5, 2)), ValueError, ["w", "C=2"]),
+    (lambda: conv2d_backward_input(DY[:, :2], W, X.shape), ValueError, ["dy", "(2, 3, 3, 4)"]),
+    (lambda: conv2d_backward_input(DY.astype(np.float32), W, X.shape), TypeError, ["dy=float32", "w=float64"]),
+    (lambda: conv2d_backward_weight(DY, X, (3, 3, 3)), TypeError, ["w_shape", "(KH, KW, C, K)"]),
+    (lambda: conv2d_backward_weight(DY, X, (3, 3, 3, 0)), ValueError, ["w_shape", ">= 1"]),
+    (lambda: conv2d_backward_weight(DY[..., :2], X, W.shape), ValueError, ["dy", "(2, 3, 3, 4)"]),
+    (lambda: conv2d_backward_weight(DY, X.astype(np.float32), W.shape), TypeError, ["dy=float64", "x=float32"]),
+    (lambda: conv2d_backward_bias(DY[0]), ValueError, ["dy"]),
+])
+def test_bad_input_raises_naming_the_argument(call, error, names):
+    with pytest.raises(error) as info:
+        call()
+    for name in names:
+        assert name in str(info.value)
