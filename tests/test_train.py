@@ -1,0 +1,210 @@
+"""Training: overfitting a batch, exact resume, NaN stop, the command lines (train, evaluate, predict), and one
+real run on a slice of Fashion-MNIST."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinyconv import (BatchNorm, Conv2D, DepthwiseConv2D, Dropout, GlobalAvgPool2D, Linear, PointwiseConv2D, ReLU,
+                      Sequential)
+from tinyconv import checkpoint as ckpt
+from tinyconv import evaluate as evaluate_cli
+from tinyconv import predict as predict_cli
+from tinyconv import train as train_cli
+from tinyconv.data import Dataset
+from tinyconv.train import TrainingDiverged, fit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def tiny_model(seed=0, *, width=8, classes=4, size=16, dropout=0.2):
+    """A miniature MobileNet: conv, one separable block, pooling, dropout, classifier."""
+    rng = np.random.default_rng(seed)
+    w = width
+    return Sequential([
+        Conv2D(1, w, 3, stride=2, name="c1", rng=rng), BatchNorm(w, name="c1_bn"), ReLU("c1_relu"),
+        DepthwiseConv2D(w, 3, name="dw", rng=rng), BatchNorm(w, name="dw_bn"), ReLU("dw_relu"),
+        PointwiseConv2D(w, 2 * w, name="pw", rng=rng), BatchNorm(2 * w, name="pw_bn"), ReLU("pw_relu"),
+        GlobalAvgPool2D(name="gap"), Dropout(dropout, seed=seed, name="dropout"),
+        Linear(2 * w, classes, name="fc", rng=rng)], input_shape=(size, size, 1), name="tiny")
+
+
+def synthetic(n, *, seed=0, classes=4, size=16):
+    """Learnable uint8 images: each class is a bright square in its own quadrant, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n).astype(np.int64)
+    images = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
+    half = size // 2
+    for i, c in enumerate(labels):
+        r, q = divmod(int(c), 2)
+        images[i, r * half + 2: r * half + half - 2, q * half + 2: q * half + half - 2] += 150
+    return Dataset(images=images, labels=labels, class_names=[f"class{c}" for c in range(classes)], name="toy")
+
+
+FAST = dict(batch_size=32, lr=0.05, warmup_epochs=0.5, progress=False, log=None)
+
+
+def test_overfits_a_small_batch():
+    rng = np.random.default_rng(1)
+    data = Dataset(images=rng.integers(0, 256, (32, 16, 16, 1)).astype(np.uint8),
+                   labels=rng.integers(0, 4, 32).astype(np.int64), class_names="abcd", name="noise")
+    model = tiny_model(dropout=0.0, width=16)
+    result = fit(model, data, epochs=60, batch_size=32, optimizer="adam", lr=1e-2, schedule="constant",
+                 warmup_epochs=0, weight_decay=0.0, label_smoothing=0.0, augment=None, progress=False, log=None)
+    assert result.history[-1]["train_acc"] == 1.0, "random labels of one batch must be memorized"
+    assert result.history[-1]["train_loss"] < 0.25
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    train, val = synthetic(256), synthetic(64, seed=1)
+    settings = dict(epochs=3, weight_decay=1e-3, seed=5, **FAST)
+
+    whole = tiny_model()
+    fit(whole, train, val, out=str(tmp_path / "whole"), **settings)
+
+    def interrupt(epoch, batch, loss):
+        if (epoch, batch) == (1, 3):
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the second epoch
+
+    out = str(tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), train, val, out=out, on_step=interrupt, **settings)
+    assert ckpt.load_checkpoint(out).epoch == 1, "the checkpoint of the last finished epoch stays"
+    resumed = tiny_model()  # a new process would rebuild the model from scratch
+    result = fit(resumed, train, val, out=out, resume=True, **settings)
+
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    with open(os.path.join(out, "metrics.csv")) as f:
+        assert len(f.read().splitlines()) == 4
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+    with pytest.raises(ValueError, match="cannot resume with different settings: lr"):
+        fit(tiny_model(), train, val, out=out, resume=True, **{**settings, "lr": 0.2})
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the poisoned forward pass itself
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+
+    def poison(epoch, batch, loss):
+        if (epoch, batch) == (1, 2):
+            model.layers[0].params["kernel"][...] = np.inf
+
+    with pytest.raises(TrainingDiverged, match="NaN or Inf at epoch 2, batch 4.*last good checkpoint"):
+        fit(model, synthetic(128), epochs=3, out=str(tmp_path), on_step=poison, **FAST)
+    saved = ckpt.load_checkpoint(tmp_path)
+    assert saved.epoch == 1
+    assert all(np.isfinite(v).all() for v in saved.model_state.values())
+
+
+def test_fit_rejects_bad_settings():
+    data = synthetic(64)
+    with pytest.raises(ValueError, match="epochs"):
+        fit(tiny_model(), data, epochs=0, progress=False, log=None)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(tiny_model(), data, epochs=1, batch_size=65, progress=False, log=None)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        fit(tiny_model(), data, epochs=1, batch_size=8, optimizer="lamb", progress=False, log=None)
+
+
+# --- command lines -------------------------------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    (["--epochs", "-1"], "--epochs"), (["--epochs", "0"], "--epochs"), (["--epochs", "two"], "--epochs"),
+    (["--lr", "0"], "--lr"), (["--lr", "-0.1"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--dataset", "imagenet"], "--dataset"), (["--alpha", "0"], "--alpha"), (["--alpha", "-1"], "--alpha"),
+    (["--res", "16"], "--res"), (["--batch-size", "0"], "--batch-size"), (["--optimizer", "lamb"], "--optimizer"),
+    (["--schedule", "linear"], "--schedule"), (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--dropout", "1.5"], "--dropout"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--threads", "0"], "--threads"), (["--resume"], "--resume needs --out"), (["--frobnicate"], "unrecognized"),
+]
+
+
+@pytest.mark.parametrize("argv, reason", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_cli_arguments_exit_2_with_one_line(argv, reason, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and reason in err, err
+
+
+def test_bad_cli_argument_in_a_real_process():
+    proc = subprocess.run([sys.executable, "-m", "tinyconv.train", "--lr", "-1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "python -m tinyconv.train: error: argument --lr: expected a number > 0, got '-1' (see --help)"]
+
+
+def test_cli_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--dataset", "--model", "--alpha", "--res", "--shallow", "--full-conv", "--epochs", "--batch-size",
+                 "--optimizer", "--lr", "--schedule", "--weight-decay", "--label-smoothing", "--dropout", "--seed",
+                 "--out", "--resume", "--threads"):
+        assert flag in out
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
+    ckpt.save_checkpoint(tmp_path / ckpt.FILENAME, model=tiny_model(), epoch=1)
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["--out", str(tmp_path)])
+    assert exc.value.code == 2 and "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_input_geometry():
+    assert train_cli.input_geometry((28, 28), 32) == (None, 32)
+    assert train_cli.input_geometry((28, 28), 64) == ((56, 56), 64)
+    assert train_cli.input_geometry((32, 32), 32) == (None, None)
+    assert train_cli.input_geometry((32, 32), 96) == (96, None)
+
+
+@pytest.mark.skipif(not os.path.exists(FASHION), reason="Fashion-MNIST is not installed")
+def test_cli_train_evaluate_predict_on_a_slice(tmp_path, capsys):
+    """The three command lines end to end on 1,200 Fashion-MNIST images with a MobileNet alpha 0.25."""
+    out = str(tmp_path / "run")
+    code = train_cli.main(["--alpha", "0.25", "--epochs", "1", "--limit-train", "1200", "--val", "200",
+                           "--limit-test", "300", "--batch-size", "50", "--out", out, "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "mult-adds" in printed and "images/s" in printed
+    for name in ("checkpoint.npz", "metrics.csv", "curves.png", "summary.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+
+    assert evaluate_cli.main([out]) == 0
+    report = capsys.readouterr().out
+    assert "per-class accuracy" in report and "Ankle boot" in report and "confusion matrix" in report
+
+    from PIL import Image
+    from tinyconv.data import load_dataset
+    test = load_dataset("fashion-mnist", split="test")
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"item{i}.png"))
+        Image.fromarray(test.images[i, :, :, 0]).save(paths[-1])
+    assert predict_cli.main([out, *paths, "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(p in line for p in paths for line in lines) == 2
+
+    assert predict_cli.main([out, str(tmp_path / "missing.png")]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(FASHION), reason="Fashion-MNIST is not installed")
+def test_real_training_on_a_slice_beats_the_bar(tmp_path):
+    """MobileNet alpha 0.25 for 3 epochs on 10,000 Fashion-MNIST images: well above chance (10%) on 2,000 test."""
+    out = str(tmp_path / "run")
+    assert train_cli.main(["--alpha", "0.25", "--epochs", "3", "--limit-train", "10000", "--val", "0",
+                           "--limit-test", "2000", "--out", out, "--no-progress"]) == 0
+    import json
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["test_acc"] >= 0.80 and math.isfinite(summary["images_per_s"])
