@@ -4,6 +4,7 @@ import numpy as np
 from kernels._check import check_finite
 from tinyconv.io import atomic_write
 from tinyconv.layer import Layer
+from tinyconv.summary import summary as _summary
 
 
 class StateError(ValueError):
@@ -205,6 +206,10 @@ class Sequential:
     def macs(self, input_shape=None):
         """Multiply-accumulates per sample of the main ops (the paper's mult-adds)."""
         return sum(layer.macs(shape) for layer, shape, _ in self.layer_shapes(input_shape))
+
+    def summary(self, input_shape=None, *, flops=False):
+        """Print a Keras-style summary with mult-adds per layer (see ``tinyconv.summary.summary``)."""
+        print(_summary(self, input_shape, flops=flops))
 
     def _need_input_shape(self):
         if self.input_shape is None:
