@@ -59,7 +59,9 @@ def test_matches_oracle_and_finite_differences(case):
 
 
 @given(oracle.window_cases())
+@oracle.one_numba_thread()
 def test_matches_torch(case):
+    """Same draws against PyTorch (one Numba thread: the oracle test already covers the parallel split)."""
     pytest.importorskip("torch")
     rng, x, w, b = _inputs(case)
     kw = dict(stride=case["stride"], padding=case["padding"])

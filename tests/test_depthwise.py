@@ -1,0 +1,137 @@
+"""kernels.depthwise against its loop oracle, finite differences, a per-channel standard conv and PyTorch; bad input."""
+import numpy as np
+import pytest
+from hypothesis import given
+
+import oracles_conv as oracle
+from gradcheck import assert_close, check_directional, check_grad
+from kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+from kernels.depthwise import depthwise_backward_input, depthwise_backward_weight, depthwise_forward
+
+FULL_CHECK_MAX = 80  # x.size + w.size up to which every coordinate is checked by finite differences
+
+
+def _inputs(case):
+    """float64 inputs whose values are exactly representable in float32, so one float64 oracle serves both."""
+    rng = np.random.default_rng(case["seed"])
+    x = oracle.make_array(rng, (case["N"], case["H"], case["W"], case["C"]), case["layout"]).astype(np.float32)
+    w = oracle.make_array(rng, (case["KH"], case["KW"], case["C"], case["M"]), case["layout"]).astype(np.float32)
+    return rng, x.astype(np.float64), w.astype(np.float64)
+
+
+@pytest.mark.parametrize("stride, padding, M", [(1, "valid", 1), (2, "same", 2), ((1, 2), 1, 1), (3, (2, 0), 3)])
+def test_oracle_backward_matches_finite_differences(stride, padding, M):
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 5, 4, 2)), rng.standard_normal((3, 2, 2, M))
+    f = lambda: oracle.depthwise_forward(x, w, stride, padding)  # noqa: E731
+    dy = rng.standard_normal(f().shape)
+    check_grad(f, x, dy, oracle.depthwise_backward_input(dy, w, x.shape, stride, padding), name="dx")
+    check_grad(f, w, dy, oracle.depthwise_backward_weight(dy, x, w.shape, stride, padding), name="dw")
+
+
+@given(oracle.window_cases(depthwise=True))
+def test_matches_oracle_and_finite_differences(case):
+    """float64 equals the oracle tightly and its gradients equal finite differences; float32 is within 1e-4."""
+    rng, x, w = _inputs(case)
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    y = oracle.depthwise_forward(x, w, **kw)
+    dy = rng.standard_normal(y.shape).astype(np.float32).astype(np.float64)
+    want = dict(y=y, dx=oracle.depthwise_backward_input(dy, w, x.shape, **kw),
+                dw=oracle.depthwise_backward_weight(dy, x, w.shape, **kw))
+    for dtype, rtol, floor in ((np.float64, 1e-12, 1e-12), (np.float32, 1e-4, 1e-5)):
+        xd, wd, dyd = (a.astype(dtype) for a in (x, w, dy))
+        got = dict(y=depthwise_forward(xd, wd, **kw), dx=depthwise_backward_input(dyd, wd, x.shape, **kw),
+                   dw=depthwise_backward_weight(dyd, xd, w.shape, **kw))
+        for name, value in got.items():
+            assert value.dtype == dtype, name
+            assert_close(value, want[name], rtol=rtol, atol_floor=floor, name=f"{name} {np.dtype(dtype)}")
+
+    f = lambda: depthwise_forward(x, w, **kw)  # noqa: E731
+    with oracle.one_numba_thread():
+        check_directional(f, x, dy, want["dx"], rng, name="dx")
+        check_directional(f, w, dy, want["dw"], rng, name="dw")
+        if x.size + w.size <= FULL_CHECK_MAX:
+            x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+            check_grad(f, x, dy, want["dx"], name="dx")
+            check_grad(f, w, dy, want["dw"], name="dw")
+
+
+@given(oracle.window_cases(depthwise=True))
+@oracle.one_numba_thread()
+def test_equals_standard_conv_per_channel(case):
+    """Depthwise is a grouped conv: output channels c*M .. c*M + M - 1 are a standard conv of input channel c."""
+    rng, x, w = _inputs(case)
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    C, M = case["C"], case["M"]
+    y = depthwise_forward(x, w, **kw)
+    dy = rng.standard_normal(y.shape)
+    dx = depthwise_backward_input(dy, w, x.shape, **kw)
+    dw = depthwise_backward_weight(dy, x, w.shape, **kw)
+    for c in range(C):
+        xc, wc, dyc = x[..., c:c + 1], w[:, :, c:c + 1, :], dy[..., c * M:(c + 1) * M]
+        assert_close(y[..., c * M:(c + 1) * M], conv2d_forward(xc, wc, **kw), rtol=1e-12, name="y")
+        assert_close(dx[..., c:c + 1], conv2d_backward_input(dyc, wc, xc.shape, **kw), rtol=1e-12, name="dx")
+        assert_close(dw[:, :, c:c + 1, :], conv2d_backward_weight(dyc, xc, wc.shape, **kw), rtol=1e-12, name="dw")
+
+
+@given(oracle.window_cases(depthwise=True))
+@oracle.one_numba_thread()
+def test_matches_torch(case):
+    """Same draws against PyTorch (one Numba thread: the oracle test already covers the parallel split)."""
+    pytest.importorskip("torch")
+    rng, x, w = _inputs(case)
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    KH, KW, C, M = w.shape
+    y = depthwise_forward(x, w, **kw)
+    dy = rng.standard_normal(y.shape)
+    w_oihw = w.reshape(KH, KW, 1, C * M).transpose(3, 2, 0, 1)  # (C*M, 1, KH, KW): output channel c*M + m
+    ty, tdx, tdw, _ = oracle.torch_conv(x, w_oihw, None, dy, groups=C, **kw)
+    assert_close(y, ty, rtol=1e-12, name="y")
+    assert_close(depthwise_backward_input(dy, w, x.shape, **kw), tdx, rtol=1e-12, name="dx")
+    assert_close(depthwise_backward_weight(dy, x, w.shape, **kw), tdw.transpose(2, 3, 1, 0).reshape(w.shape),
+                 rtol=1e-12, name="dw")
+
+
+def test_weight_gradient_does_not_depend_on_thread_count():
+    """The weight gradient sums fixed row blocks, so it is bitwise identical on one thread and on all of them."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 16, 16, 8)).astype(np.float32)
+    dy = rng.standard_normal((4, 8, 8, 8)).astype(np.float32)
+    everyone = depthwise_backward_weight(dy, x, (3, 3, 8, 1), stride=2, padding="same")
+    with oracle.one_numba_thread():
+        alone = depthwise_backward_weight(dy, x, (3, 3, 8, 1), stride=2, padding="same")
+    np.testing.assert_array_equal(everyone, alone)
+
+
+# ---- bad input: each raises before any kernel runs, naming the argument ----
+
+X = np.zeros((2, 5, 5, 3))
+W = np.zeros((3, 3, 3, 2))
+DY = np.zeros((2, 3, 3, 6))
+
+
+@pytest.mark.parametrize("call, error, names", [
+    (lambda: depthwise_forward(X[0], W), ValueError, ["x", "(N, H, W, C)"]),
+    (lambda: depthwise_forward(X, W[0]), ValueError, ["w", "(KH, KW, C, M)"]),
+    (lambda: depthwise_forward(X, np.zeros((3, 3, 4, 1))), ValueError, ["w", "C=3"]),
+    (lambda: depthwise_forward(X.astype(np.int32), W), TypeError, ["x", "int32"]),
+    (lambda: depthwise_forward(X, W.astype(np.float32)), TypeError, ["x=float64", "w=float32"]),
+    (lambda: depthwise_forward(X, W, stride=(1, 0)), ValueError, ["stride", ">= 1"]),
+    (lambda: depthwise_forward(X, W, padding="SAME!"), ValueError, ["padding"]),
+    (lambda: depthwise_forward(X, W, padding=(1, -1)), ValueError, ["padding", ">= 0"]),
+    (lambda: depthwise_forward(X, np.zeros((3, 6, 3, 1))), ValueError, ["kernel width 6", "padded input width 5"]),
+    (lambda: depthwise_forward(X, np.zeros((3, 3, 3, 1)), padding=0, stride=True), TypeError, ["stride"]),
+    (lambda: depthwise_backward_input(DY, W, (2, 5, 5)), TypeError, ["x_shape", "(N, H, W, C)"]),
+    (lambda: depthwise_backward_input(DY, W, (2, 5, 5, 4)), ValueError, ["w", "C=4"]),
+    (lambda: depthwise_backward_input(DY[..., :3], W, X.shape), ValueError, ["dy", "(2, 3, 3, 6)"]),
+    (lambda: depthwise_backward_input(DY.astype(np.float32), W, X.shape), TypeError, ["dy=float32", "w=float64"]),
+    (lambda: depthwise_backward_weight(DY, X, (3, 3, 3)), TypeError, ["w_shape", "(KH, KW, C, M)"]),
+    (lambda: depthwise_backward_weight(DY, X, (3, 3, 2, 2)), ValueError, ["w", "C=3"]),
+    (lambda: depthwise_backward_weight(DY[:, :1], X, W.shape), ValueError, ["dy", "(2, 3, 3, 6)"]),
+    (lambda: depthwise_backward_weight(DY, X.astype(np.float32), W.shape), TypeError, ["dy=float64", "x=float32"]),
+])
+def test_bad_input_raises_naming_the_argument(call, error, names):
+    with pytest.raises(error) as info:
+        call()
+    for name in names:
+        assert name in str(info.value)
