@@ -211,9 +211,10 @@ def _slim_figures():
                 note = ("the whole 0.75 row equals the count without conv1, a convention no other row follows: "
                         "this row was computed differently; the paper's own 325 for 0.75-224 is the exact count")
             if (alpha, res) == (0.5, 224):
-                note = ("149.497 M is 2,900 mult-adds short of rounding up to 150 (the paper prints 149): any "
-                        "convention adding a few thousand ops, e.g. the logits' bias adds and the global pool, "
-                        "rounds it up")
+                macs = model_counts(alpha=alpha, resolution=res, classes=1001)[0].macs
+                note = (f"{macs:,} is {149_500_000 - macs:,} mult-adds short of rounding up to 150 (the paper "
+                        f"prints 149): any convention adding a few thousand ops, e.g. the logits' bias adds and "
+                        f"the global pool, rounds it up")
             if (alpha, res) == (0.25, 192):
                 note = ("34 would need a 204x204 input; the rest of the 0.25 row matches the exact count, so this "
                         "is most likely a typo for 30")

@@ -199,7 +199,7 @@ def separable_blocks(model, input_shape=None):
         elif d != 1:
             note = f"depth multiplier {d}: the ratio is {d} x (1/N + 1/D_K^2)"
         elif dw.stride != (1, 1):
-            note = f"stride {dw.stride[0]}: exact, both counted at the output D_F={oh}x{ow} (input {dw_in[0]}x{dw_in[1]})"
+            note = f"stride {dw.stride[0]}: exact, both at the output D_F={oh}x{ow} (input {dw_in[0]}x{dw_in[1]})"
         else:
             note = ""
         blocks.append(BlockCount(dw.name, pw.name, m, n, (kh, kw), (oh, ow), dw.stride, d, sep, std, ratio,
@@ -247,6 +247,7 @@ def count(model, input_shape=None, convention=DEFAULT):
     layers = count_layers(model, input_shape, convention)
     return ModelCount(
         name=model.name, input_shape=layers[0].input_shape, output_shape=layers[-1].output_shape,
-        convention=convention, layers=layers, by_type=by_type(layers), blocks=separable_blocks(model, input_shape),
+        convention=convention, layers=layers, by_type=by_type(layers),
+        blocks=separable_blocks(model, input_shape),
         macs=sum(r.macs for r in layers), params_paper=sum(r.params_paper for r in layers),
         params_trainable=sum(r.params_trainable for r in layers), params_total=sum(r.params_total for r in layers))

@@ -83,5 +83,6 @@ def summary(model, input_shape=None, *, flops=False, convention=DEFAULT):
         The summary as a string.
     """
     mc = count(model, input_shape, convention)
-    head = f'Model: "{mc.name}"   input {_shape(mc.input_shape)}   counts per sample, {FLOPS_LABEL if flops else MACS_LABEL}'
+    unit = FLOPS_LABEL if flops else MACS_LABEL
+    head = f'Model: "{mc.name}"   input {_shape(mc.input_shape)}   counts per sample, {unit}'
     return "\n".join([head, layer_table(mc, flops), totals(mc, flops)])
