@@ -13,7 +13,7 @@ Sums accumulate in float64 per thread and are combined afterwards, so float32 st
 import numba
 import numpy as np
 
-from kernels._check import check_float_array, check_same_dtype, check_shape
+from kernels._check import check_float_array, check_same_dtype
 from kernels._jit import kernel, parallel_kernel
 
 # Rows per statistics block: a block (rows x C) is read twice, the second time from cache, so it must fit in L2.
