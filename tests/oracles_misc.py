@@ -6,6 +6,7 @@ differences in the tests. Shapes follow the kernels' legend: NHWC, N batch, H W 
 Window geometry (padding amounts, output size) comes from ``kernels.geometry.conv_geometry``, the project's
 single source of truth, which the PyTorch cross-checks test independently.
 """
+import contextlib
 import math
 
 import numba
@@ -18,6 +19,17 @@ from kernels.geometry import conv_geometry
 LAYOUTS = ("contiguous", "strided", "transposed")
 
 
+@contextlib.contextmanager
+def numba_threads(n):
+    """Run the enclosed kernels on min(n, available) numba threads, restoring the previous count after."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_numba_thread():
     """Run a test module's kernels on one thread (import this fixture into the module to activate it).
@@ -25,12 +37,10 @@ def one_numba_thread():
     Property tests make thousands of tiny kernel calls; on a shared machine every multi-threaded launch waits
     for a worker to be scheduled (about 1 ms under load, against 5 us idle), which would dominate the suite.
     The parallel loops are the same code either way; tests that need several threads (chunked reductions,
-    disjoint writes) call ``numba.set_num_threads`` themselves.
+    disjoint writes) wrap their calls in ``numba_threads(2)``.
     """
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+    with numba_threads(1):
+        yield
 
 
 def import_torch():

@@ -1,5 +1,4 @@
 """ReLU and ReLU6 against the loop oracle, finite differences and PyTorch; bad input raises."""
-import numba
 import numpy as np
 import pytest
 from hypothesis import given
@@ -7,8 +6,8 @@ from hypothesis import strategies as st
 
 from gradcheck import assert_close, check_directional, check_grad
 from kernels.activation import relu6_backward, relu6_forward, relu_backward, relu_forward
-from oracles_misc import (import_torch, nhwc_cases, one_numba_thread, relu6_backward_oracle,  # noqa: F401
-                          relu6_oracle, relu_backward_oracle, relu_oracle, with_layout)
+from oracles_misc import (import_torch, nhwc_cases, numba_threads, one_numba_thread,  # noqa: F401
+                          relu6_backward_oracle, relu6_oracle, relu_backward_oracle, relu_oracle, with_layout)
 
 # name: (forward, backward, forward oracle, backward oracle (from x), kinks to keep inputs away from)
 OPS = {
@@ -106,13 +105,13 @@ def test_kinks_have_zero_gradient_and_nan_propagates(op):
 @pytest.mark.parametrize("op", list(OPS))
 def test_two_threads_match_oracle(op):
     """Large enough that both threads get rows: disjoint writes, no element skipped or repeated."""
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    forward, backward, _, _, kinks = OPS[op]
-    x, dy = make_input((4, 33, 17, 40), 5, kinks, dtype=np.float32)
-    y = forward(x)
-    np.testing.assert_array_equal(y, np.clip(x, 0, 6 if op == "relu6" else None))
-    upper = 6 if op == "relu6" else np.inf
-    np.testing.assert_array_equal(backward(dy, y), np.where((x > 0) & (x < upper), dy, 0))
+    with numba_threads(2):
+        forward, backward, _, _, kinks = OPS[op]
+        x, dy = make_input((4, 33, 17, 40), 5, kinks, dtype=np.float32)
+        y = forward(x)
+        np.testing.assert_array_equal(y, np.clip(x, 0, 6 if op == "relu6" else None))
+        upper = 6 if op == "relu6" else np.inf
+        np.testing.assert_array_equal(backward(dy, y), np.where((x > 0) & (x < upper), dy, 0))
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -1,5 +1,4 @@
 """Batch norm kernels against the loop oracle, finite differences and PyTorch; bad input raises."""
-import numba
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -8,7 +7,8 @@ from hypothesis import strategies as st
 from gradcheck import assert_close, check_directional, check_grad
 from kernels.batchnorm import batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train
 from oracles_misc import (LAYOUTS, batchnorm_backward_oracle, batchnorm_eval_oracle,  # noqa: F401
-                          batchnorm_train_oracle, import_torch, nhwc_cases, one_numba_thread, with_layout)
+                          batchnorm_train_oracle, import_torch, nhwc_cases, numba_threads, one_numba_thread,
+                          with_layout)
 
 MOMENTA = st.sampled_from([0.99, 0.9, 0.5, 0.0, 1.0])
 EPSILONS = st.sampled_from([1e-3, 1e-5])
@@ -184,22 +184,23 @@ def test_matches_torch_batch_norm(case, flat, momentum, eps):
 
 @pytest.mark.parametrize("flat", [False, True])
 def test_parallel_chunks_match_float64_reference(flat):
-    """Two threads: chunked statistics merged across threads, rows split between threads, float32."""
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    x, (gamma, beta, running_mean, running_var), dy = make_case((8, 17, 13, 24), 11, flat, dtype=np.float32)
-    rm, rv = running_mean.copy(), running_var.copy()
-    y, x_hat, inv_std = batchnorm_forward_train(x, gamma, beta, rm, rv, momentum=0.9)
-    dx, dgamma, dbeta = batchnorm_backward(dy, x_hat, inv_std, gamma)
-    x64, dy64 = x.astype(np.float64).reshape(-1, 24), dy.astype(np.float64).reshape(-1, 24)
-    mean, var = x64.mean(axis=0), x64.var(axis=0)
-    x_hat64 = (x64 - mean) / np.sqrt(var + 1e-3)
-    assert_close(y.reshape(-1, 24), x_hat64 * gamma + beta, rtol=1e-5, name="y")
-    assert_close(rm, 0.9 * running_mean + 0.1 * mean, rtol=1e-6, name="running_mean")
-    assert_close(rv, 0.9 * running_var + 0.1 * x64.var(axis=0, ddof=1), rtol=1e-6, name="running_var")
-    dx64 = gamma / np.sqrt(var + 1e-3) * (dy64 - dy64.mean(0) - x_hat64 * (dy64 * x_hat64).mean(0))
-    assert_close(dx.reshape(-1, 24), dx64, rtol=1e-4, atol_floor=1e-6, name="dx")
-    assert_close(dbeta, dy64.sum(0), rtol=1e-5, name="dbeta")
-    assert_close(dgamma, (dy64 * x_hat64).sum(0), rtol=1e-5, name="dgamma")
+    """Two threads, float32: each thread merges two statistics blocks (1365 rows of 24 channels fit the 128 KiB
+    block), then the threads' results are merged; rows are split between threads."""
+    with numba_threads(2):
+        x, (gamma, beta, running_mean, running_var), dy = make_case((16, 17, 13, 24), 11, flat, dtype=np.float32)
+        rm, rv = running_mean.copy(), running_var.copy()
+        y, x_hat, inv_std = batchnorm_forward_train(x, gamma, beta, rm, rv, momentum=0.9)
+        dx, dgamma, dbeta = batchnorm_backward(dy, x_hat, inv_std, gamma)
+        x64, dy64 = x.astype(np.float64).reshape(-1, 24), dy.astype(np.float64).reshape(-1, 24)
+        mean, var = x64.mean(axis=0), x64.var(axis=0)
+        x_hat64 = (x64 - mean) / np.sqrt(var + 1e-3)
+        assert_close(y.reshape(-1, 24), x_hat64 * gamma + beta, rtol=1e-5, name="y")
+        assert_close(rm, 0.9 * running_mean + 0.1 * mean, rtol=1e-6, name="running_mean")
+        assert_close(rv, 0.9 * running_var + 0.1 * x64.var(axis=0, ddof=1), rtol=1e-6, name="running_var")
+        dx64 = gamma / np.sqrt(var + 1e-3) * (dy64 - dy64.mean(0) - x_hat64 * (dy64 * x_hat64).mean(0))
+        assert_close(dx.reshape(-1, 24), dx64, rtol=1e-4, atol_floor=1e-6, name="dx")
+        assert_close(dbeta, dy64.sum(0), rtol=1e-5, name="dbeta")
+        assert_close(dgamma, (dy64 * x_hat64).sum(0), rtol=1e-5, name="dgamma")
 
 
 def _args():

@@ -1,5 +1,4 @@
 """Inverted dropout: reproducible masks, the right keep rate and scale, backward = dy * mask; bad input raises."""
-import numba
 import numpy as np
 import pytest
 from hypothesis import given
@@ -7,7 +6,7 @@ from hypothesis import strategies as st
 
 from gradcheck import check_directional
 from kernels.dropout import dropout_backward, dropout_forward
-from oracles_misc import nhwc_cases, one_numba_thread, with_layout  # noqa: F401
+from oracles_misc import nhwc_cases, numba_threads, one_numba_thread, with_layout  # noqa: F401
 
 RATES = st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.9])
 
@@ -37,14 +36,14 @@ def test_mask_values_output_and_backward(case, rate, dtype):
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.8])
 def test_keep_rate_and_mean_are_preserved(rate):
     """Large sample on two threads: keep fraction 1 - rate and E[y] = E[x] within 6 standard errors."""
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    x = np.random.default_rng(1).uniform(1.0, 3.0, (16, 32, 32, 8)).astype(np.float32)
-    y, mask = dropout_forward(x, rate=rate, rng=np.random.default_rng(2))
-    n = x.size
-    kept = np.count_nonzero(mask) / n
-    assert abs(kept - (1 - rate)) < 6 * np.sqrt(rate * (1 - rate) / n)
-    assert abs(y.mean(dtype=np.float64) - x.mean(dtype=np.float64)) < 6 * y.std(dtype=np.float64) / np.sqrt(n)
-    np.testing.assert_array_equal(y, x * mask)
+    with numba_threads(2):
+        x = np.random.default_rng(1).uniform(1.0, 3.0, (16, 32, 32, 8)).astype(np.float32)
+        y, mask = dropout_forward(x, rate=rate, rng=np.random.default_rng(2))
+        n = x.size
+        kept = np.count_nonzero(mask) / n
+        assert abs(kept - (1 - rate)) < 6 * np.sqrt(rate * (1 - rate) / n)
+        assert abs(y.mean(dtype=np.float64) - x.mean(dtype=np.float64)) < 6 * y.std(dtype=np.float64) / np.sqrt(n)
+        np.testing.assert_array_equal(y, x * mask)
 
 
 def test_different_seeds_give_different_masks():

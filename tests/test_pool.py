@@ -1,5 +1,4 @@
 """Max, average and global average pooling against loop oracles, finite differences and PyTorch."""
-import numba
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -11,7 +10,7 @@ from kernels.pool import (avgpool_backward, avgpool_forward, global_avgpool_back
                           maxpool_backward, maxpool_forward)
 from oracles_misc import (avgpool_backward_oracle, avgpool_oracle, global_avgpool_backward_oracle,  # noqa: F401
                           global_avgpool_oracle, import_torch, maxpool_backward_oracle, maxpool_oracle,
-                          nhwc_cases, one_numba_thread, with_layout)
+                          nhwc_cases, numba_threads, one_numba_thread, with_layout)
 
 
 @st.composite
@@ -238,20 +237,20 @@ def test_global_avgpool_matches_torch(case):
 @pytest.mark.parametrize("kernel_size, stride, padding", [(3, 2, "same"), (3, 1, 1), (2, 2, "valid")])
 def test_two_threads_match_oracle(kernel_size, stride, padding):
     """Overlapping windows routed to one input from different outputs; rows and images split over threads."""
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    x, rng = distinct_input((3, 14, 11, 16), 9, np.float32)
-    args = resolved(kernel_size, stride, padding)
-    y, argmax = maxpool_forward(x, kernel_size=kernel_size, stride=stride, padding=padding)
-    y_o, argmax_o = maxpool_oracle(x, *args)
-    np.testing.assert_array_equal(y, y_o)
-    dy = rng.standard_normal(y.shape).astype(np.float32)
-    assert_close(maxpool_backward(dy, argmax, x.shape), maxpool_backward_oracle(dy, argmax_o, x.shape),
-                 rtol=1e-6, name="max dx")
-    ya = avgpool_forward(x, kernel_size=kernel_size, stride=stride, padding=padding)
-    assert_close(ya, avgpool_oracle(x, *args), rtol=1e-5, name="avg y")
-    assert_close(avgpool_backward(dy, x.shape, kernel_size=kernel_size, stride=stride, padding=padding),
-                 avgpool_backward_oracle(dy, x.shape, *args), rtol=1e-5, name="avg dx")
-    assert_close(global_avgpool_forward(x), x.astype(np.float64).mean(axis=(1, 2)), rtol=1e-6, name="global")
+    with numba_threads(2):
+        x, rng = distinct_input((3, 14, 11, 16), 9, np.float32)
+        args = resolved(kernel_size, stride, padding)
+        y, argmax = maxpool_forward(x, kernel_size=kernel_size, stride=stride, padding=padding)
+        y_o, argmax_o = maxpool_oracle(x, *args)
+        np.testing.assert_array_equal(y, y_o)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        assert_close(maxpool_backward(dy, argmax, x.shape), maxpool_backward_oracle(dy, argmax_o, x.shape),
+                     rtol=1e-6, name="max dx")
+        ya = avgpool_forward(x, kernel_size=kernel_size, stride=stride, padding=padding)
+        assert_close(ya, avgpool_oracle(x, *args), rtol=1e-5, name="avg y")
+        assert_close(avgpool_backward(dy, x.shape, kernel_size=kernel_size, stride=stride, padding=padding),
+                     avgpool_backward_oracle(dy, x.shape, *args), rtol=1e-5, name="avg dx")
+        assert_close(global_avgpool_forward(x), x.astype(np.float64).mean(axis=(1, 2)), rtol=1e-6, name="global")
 
 
 # ------------------------------------------------------------------------------------------------ bad input
