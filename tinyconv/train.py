@@ -9,7 +9,8 @@ thread count: Numba's parallel reductions and BLAS split work by thread, so othe
 
 The command line's defaults are the README's default run: MobileNet v1 alpha 0.5 on Fashion-MNIST padded to
 32x32, batch 128, SGD with Nesterov momentum 0.9, lr 0.1 with one warm-up epoch then cosine to 0, weight decay
-5e-4 (not on BN or biases), label smoothing 0.1, dropout 0.2, random crop (pad 4) and horizontal flip.
+5e-4 (not on BN or biases), label smoothing 0.1, dropout 0.2, random crop (pad 4) and horizontal flip, batch-norm
+momentum 0.9 in Keras's convention (PyTorch's default).
 
 Layering: ``tinyconv`` never imports ``models``, except here: the command line has to build the network it is
 asked for, so ``build_model`` imports ``models`` inside the function, at call time. The library (``fit``) takes a
@@ -404,6 +405,9 @@ def make_parser():
     g.add_argument("--shallow", action="store_true", help="drop the five 14x14x512 blocks (paper's shallow net)")
     g.add_argument("--full-conv", action="store_true", help="standard 3x3 convs instead of separable blocks")
     g.add_argument("--dropout", type=unit_interval, default=0.2, help="dropout rate before the classifier")
+    g.add_argument("--bn-momentum", type=unit_interval, default=0.9,
+                   help="batch-norm moving-average momentum, Keras's convention (PyTorch's default 0.1 is 0.9 "
+                        "here); Keras's 0.99 leaves the moving statistics stale in runs of a few thousand steps")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=10, help="passes over the training images")
     g.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
@@ -431,10 +435,10 @@ def make_parser():
     return p
 
 
-def _run_description(args):
+def run_description(args):
     """The model, data and training settings of a fresh run, as saved in its checkpoint."""
-    model = dict(name=args.model, resolution=args.res, dropout=args.dropout, classes=None, in_channels=None,
-                 seed=args.seed)
+    model = dict(name=args.model, resolution=args.res, dropout=args.dropout, bn_momentum=args.bn_momentum,
+                 classes=None, in_channels=None, seed=args.seed)
     if args.model == "mobilenet":
         model.update(alpha=args.alpha, shallow=args.shallow, full_conv=args.full_conv)
     data = dict(dataset=args.dataset, data_dir=args.data_dir, res=args.res, val=args.val, seed=args.seed,
@@ -464,7 +468,7 @@ def main(argv=None):
         if os.path.exists(os.path.join(out, ckpt.FILENAME)):
             parser.error(f"{out} already holds a checkpoint; pass --resume to continue it, or choose another --out")
         args.out = out
-        config, train = _run_description(args)
+        config, train = run_description(args)
     threads = set_threads(args.threads)
     if args.resume and saved.config.get("threads") not in (None, threads):
         print(f"note: the run used {saved.config['threads']} threads, now {threads}; the result will differ from "
