@@ -1,4 +1,6 @@
 """kernels.depthwise against its loop oracle, finite differences, a per-channel standard conv and PyTorch; bad input."""
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -90,6 +92,40 @@ def test_matches_torch(case):
     assert_close(depthwise_backward_input(dy, w, x.shape, **kw), tdx, rtol=1e-12, name="dx")
     assert_close(depthwise_backward_weight(dy, x, w.shape, **kw), tdw.transpose(2, 3, 1, 0).reshape(w.shape),
                  rtol=1e-12, name="dw")
+
+
+@pytest.mark.parametrize("H, W, C, M, padding", [
+    (5, 18, 32, 1, "same"),      # interior blocks of 4, both borders, one leftover interior column
+    (4, 21, 33, 1, "valid"),     # no padding: first and last columns interior; C not a multiple of the vector width
+    (3, 16, 17, 2, (1, 0)),      # depth multiplier: the kernel runs on the C*M expanded channels
+    (6, 17, 40, 1, 3),           # padding > 2: the input-gradient's flipped padding 2 - p is negative
+    (4, 16, 48, 1, (2, 1)),      # asymmetric explicit padding
+])
+@pytest.mark.parametrize("threads", ["all", "one"])
+def test_3x3_stride1_fast_path_matches_oracle(H, W, C, M, padding, threads):
+    """The 3x3 stride-1 kernel (wide rows, >= 32 channels) against the oracle, interior and border columns."""
+    from kernels import depthwise
+    assert depthwise._use_3x3(3, 3, 1, 1, W, C * M)
+    rng = np.random.default_rng(H * W + C)
+    x, w = rng.standard_normal((2, H, W, C)), rng.standard_normal((3, 3, C, M))
+    kw = dict(stride=1, padding=padding)
+    y = oracle.depthwise_forward(x, w, **kw)
+    dy = rng.standard_normal(y.shape)
+    with (oracle.one_numba_thread() if threads == "one" else contextlib.nullcontext()):
+        assert_close(depthwise_forward(x, w, **kw), y, rtol=1e-12, name="y")
+        dx = depthwise_backward_input(dy, w, x.shape, **kw)
+        assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, **kw), rtol=1e-12, name="dx")
+        y32 = depthwise_forward(x.astype(np.float32), w.astype(np.float32), **kw)
+    assert y32.dtype == np.float32
+    assert_close(y32, y, rtol=1e-4, atol_floor=1e-4, name="y float32")
+
+
+def test_3x3_fast_path_is_not_used_where_it_measured_slower():
+    from kernels import depthwise
+    assert not depthwise._use_3x3(3, 3, 1, 1, 8, 64)     # narrow map
+    assert not depthwise._use_3x3(3, 3, 1, 1, 16, 16)    # one vector of channels
+    assert not depthwise._use_3x3(3, 3, 2, 2, 64, 64)    # stride 2 keeps the tiled loops
+    assert not depthwise._use_3x3(5, 5, 1, 1, 64, 64)
 
 
 def test_weight_gradient_does_not_depend_on_thread_count():
