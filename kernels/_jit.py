@@ -4,13 +4,26 @@ Kernels are decorated with :func:`kernel` (serial) or :func:`parallel_kernel` (u
 lazily on first call and cache the machine code on disk (``cache=True``), so importing a kernel module compiles
 nothing and a second process starts warm.
 
+Memory-bound kernels that run on anything from a 2x2 map to a 30 MB activation use :func:`sized_kernel`: compiled
+serial and parallel, called with the amount of work, and :func:`use_parallel` is the one rule that picks.
+
 Environment switches (read once, at import):
-    TINYCONV_FASTMATH=1   allow fastmath reassociation (faster reductions, results differ in the last bits).
-    NUMBA_DISABLE_JIT=1   Numba's own switch: kernels run as plain Python, for debugging and coverage.
+    TINYCONV_FASTMATH=1       allow fastmath reassociation (faster reductions, results differ in the last bits).
+    TINYCONV_PARALLEL_MIN=n   smallest work (elements) a sized kernel runs in parallel (default 2**17).
+    NUMBA_DISABLE_JIT=1       Numba's own switch: kernels run as plain Python, for debugging and coverage.
+    OMP_WAIT_POLICY           defaults to PASSIVE here (see below); set it yourself to override.
 """
 import os
+import types
 
-import numba
+# Numba's OpenMP pool (libgomp, loaded at the first parallel launch) spins its idle workers by default. Between two
+# kernels the workers spin while NumPy's BLAS threads need the same cores, and on a loaded machine a spinning
+# worker that the scheduler has parked makes the next launch wait a whole time slice: measured on the 2-core
+# machine at load 7, a launch of a 1024-element loop took 16 ms median with the default and 8.5 us with PASSIVE
+# (a MobileNet 0.5/32 training step: ~4 s against ~0.1 s). Set before libgomp loads, so it applies.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402  (after the environment default above)
 
 FASTMATH = os.environ.get("TINYCONV_FASTMATH", "0") == "1"
 
@@ -19,6 +32,10 @@ JIT_OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy
 # For the hot convolution loops: without 'contract' LLVM does not fuse a*b + c into one FMA, which halves their
 # arithmetic throughput. Contraction only drops the intermediate rounding; nothing is reassociated.
 FAST_OPTIONS = dict(JIT_OPTIONS, fastmath=True if FASTMATH else {"contract"})
+
+# A parallel launch costs ~10 us idle (more under load) and a serial pass streams ~1 element/ns, so below ~1e5
+# elements one thread finishes first: the res-32 MobileNet's 2x2 and 1x1 maps never pay for a launch.
+PARALLEL_MIN_WORK = int(os.environ.get("TINYCONV_PARALLEL_MIN", 1 << 17))
 
 
 def kernel(fn):
@@ -39,3 +56,35 @@ def fast_kernel(fn):
 def fast_parallel_kernel(fn):
     """:func:`parallel_kernel` that may contract a*b + c into FMAs."""
     return numba.njit(parallel=True, **FAST_OPTIONS)(fn)
+
+
+def use_parallel(work):
+    """The serial/parallel rule: run ``work`` elements on Numba's threads only if it is worth a launch."""
+    return work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+
+
+class SizedKernel:
+    """A kernel compiled twice, serial and parallel (``prange`` is ``range`` in the serial one).
+
+    Call ``k(*args, work=n)``: :func:`use_parallel` picks the version for ``n`` elements of work.
+    """
+
+    def __init__(self, fn, options):
+        self.serial = numba.njit(**options)(_renamed(fn, "_serial"))  # own name: its own on-disk cache entry
+        self.parallel = numba.njit(parallel=True, **options)(fn)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args, work):
+        return (self.parallel if use_parallel(work) else self.serial)(*args)
+
+
+def _renamed(fn, suffix):
+    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = fn.__qualname__ + suffix
+    clone.__module__ = fn.__module__
+    return clone
+
+
+def sized_kernel(fn):
+    """Compile ``fn`` serial and parallel, dispatched by work size (see :class:`SizedKernel`)."""
+    return SizedKernel(fn, JIT_OPTIONS)

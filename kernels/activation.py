@@ -6,22 +6,23 @@ one compiled loop per dtype serves every rank.
 The backward takes the forward's output y (not x): for both functions "x was in the linear region" is the same
 test on y (y > 0 for ReLU, 0 < y < 6 for ReLU6), and y is what the next layer already holds. At the kinks
 (x == 0, x == 6) the gradient is 0, as in PyTorch. NaN propagates forward (a diverging run must stay visible).
+MobileNet fuses these into the batch norm before them (``kernels.batchnorm``); these serve the unfused layers.
 """
 import numba
 import numpy as np
 
 from kernels._check import check_float_array, check_same_dtype
-from kernels._jit import parallel_kernel
+from kernels._jit import sized_kernel
 
 
-@parallel_kernel
+@sized_kernel
 def _relu_kernel(y, x):
     for i in numba.prange(x.shape[0]):
         v = x[i]
         y[i] = 0.0 if v < 0.0 else v
 
 
-@parallel_kernel
+@sized_kernel
 def _relu6_kernel(y, x):
     for i in numba.prange(x.shape[0]):
         v = x[i]
@@ -29,13 +30,13 @@ def _relu6_kernel(y, x):
         y[i] = 6.0 if v > 6.0 else v
 
 
-@parallel_kernel
+@sized_kernel
 def _relu_backward_kernel(dx, dy, y):
     for i in numba.prange(dy.shape[0]):
         dx[i] = dy[i] if y[i] > 0.0 else 0.0
 
 
-@parallel_kernel
+@sized_kernel
 def _relu6_backward_kernel(dx, dy, y):
     for i in numba.prange(dy.shape[0]):
         v = y[i]
@@ -46,7 +47,7 @@ def _forward(kernel_fn, x):
     check_float_array("x", x)
     x_flat = np.ascontiguousarray(x).reshape(-1)  # (size,)
     y = np.empty_like(x_flat)
-    kernel_fn(y, x_flat)
+    kernel_fn(y, x_flat, work=x_flat.size)
     return y.reshape(x.shape)
 
 
@@ -59,7 +60,7 @@ def _backward(kernel_fn, dy, y):
     dy_flat = np.ascontiguousarray(dy).reshape(-1)  # (size,)
     y_flat = np.ascontiguousarray(y).reshape(-1)  # (size,)
     dx = np.empty_like(dy_flat)
-    kernel_fn(dx, dy_flat, y_flat)
+    kernel_fn(dx, dy_flat, y_flat, work=dx.size)
     return dx.reshape(dy.shape)
 
 

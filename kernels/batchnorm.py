@@ -1,4 +1,5 @@
-"""Batch normalization over the channel axis, NHWC (or (N, C) after a flatten).
+"""Batch normalization over the channel axis, NHWC (or (N, C) after a flatten), alone or fused with the activation
+that follows it (ReLU, ReLU6), as in every MobileNet layer.
 
 Shape legend: N batch, H W input size, C channels; M = N * H * W rows of the (M, C) view every kernel works on
 (an NHWC array reshaped without a copy), so one code path serves 4-D and 2-D input.
@@ -6,21 +7,28 @@ Shape legend: N batch, H W input size, C channels; M = N * H * W rows of the (M,
 Memory-bound passes, written to touch memory as few times as possible:
     train forward   statistics: one streaming pass (each thread's rows, block by block: a block's sum and then
                     its squared deviations are read from cache, blocks merged with Chan's formula);
-                    normalize: one pass reading x, writing x_hat and y.
-    backward        sums of dy and dy * x_hat: one pass; dx: one pass.
+                    normalize (+ activation): one pass reading x, writing y (and x_hat, for the unfused API).
+    backward        sums of g and g * x_hat: one pass; dx: one pass; both read dy and x (or x_hat).
+The fused backward keeps x, not x_hat: x_hat = (x - mean) * inv_std and the activation's mask (where the
+pre-activation lay strictly inside (lo, hi)) are recomputed on the fly, so the forward writes one array instead of
+three (x_hat, BN output, activation output) and the backward reads two instead of four.
 Sums accumulate in float64 per thread and are combined afterwards, so float32 statistics do not drift with M.
+Every loop is a :func:`kernels._jit.sized_kernel`: small maps run serial, large ones on every thread.
 """
 import numba
 import numpy as np
 
 from kernels._check import check_float_array, check_same_dtype
-from kernels._jit import kernel, parallel_kernel
+from kernels._jit import kernel, sized_kernel, use_parallel
+
+ACTIVATIONS = {None: (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}
+"""Activation fused after batch norm -> the (lo, hi) it clips to; the gradient passes where lo < v < hi."""
 
 # Rows per statistics block: a block (rows x C) is read twice, the second time from cache, so it must fit in L2.
 _BLOCK_BYTES = 128 * 1024
 
 
-@parallel_kernel
+@sized_kernel
 def _stats_kernel(count_out, mean_out, m2_out, x, block_rows):
     """Per-chunk (count, mean, sum of squared deviations) of each channel, in float64.
 
@@ -66,26 +74,35 @@ def _stats_kernel(count_out, mean_out, m2_out, x, block_rows):
 
 
 @kernel
-def _merge_stats_kernel(mean_out, m2_out, count, mean, m2):
-    """Merge per-chunk (count (P,), mean (P, C), m2 (P, C)) into mean_out (C,), m2_out (C,) (Chan's formula)."""
-    n_a = 0
+def _finish_stats_kernel(mean_out, inv_std_out, running_mean, running_var, count, mean_part, m2_part, momentum,
+                         eps):
+    """Merge the per-chunk statistics (Chan's formula), write mean and inv_std (C,) in x's dtype and update the
+    running statistics in place; everything computed in float64.
+
+    count (P,), mean_part (P, C), m2_part (P, C) from :func:`_stats_kernel`. With m rows and the merged M2:
+    var = M2 / m (biased: normalizes), unbiased = M2 / max(m - 1, 1) (feeds the running variance).
+    """
     c_size = mean_out.shape[0]
     for c in range(c_size):
-        mean_out[c] = 0.0
-        m2_out[c] = 0.0
-    for p in range(count.shape[0]):
-        n_b = count[p]
-        if n_b == 0:
-            continue
-        n = n_a + n_b
-        for c in range(c_size):
-            d = mean[p, c] - mean_out[c]
-            mean_out[c] += d * (n_b / n)
-            m2_out[c] += m2[p, c] + d * d * (n_a * (n_b / n))
-        n_a = n
+        n_a = 0
+        mean = 0.0
+        m2 = 0.0
+        for p in range(count.shape[0]):
+            n_b = count[p]
+            if n_b == 0:
+                continue
+            n = n_a + n_b
+            d = mean_part[p, c] - mean
+            mean += d * (n_b / n)
+            m2 += m2_part[p, c] + d * d * (n_a * (n_b / n))
+            n_a = n
+        mean_out[c] = mean
+        inv_std_out[c] = 1.0 / np.sqrt(m2 / n_a + eps)
+        running_mean[c] = momentum * running_mean[c] + (1.0 - momentum) * mean
+        running_var[c] = momentum * running_var[c] + (1.0 - momentum) * (m2 / max(n_a - 1, 1))
 
 
-@parallel_kernel
+@sized_kernel
 def _normalize_kernel(y, x_hat, x, mean, inv_std, gamma, beta):
     """x_hat = (x - mean) * inv_std and y = gamma * x_hat + beta, rows of (M, C); per-channel vectors (C,)."""
     m, c_size = x.shape
@@ -96,18 +113,29 @@ def _normalize_kernel(y, x_hat, x, mean, inv_std, gamma, beta):
             y[i, c] = gamma[c] * xh + beta[c]
 
 
-@parallel_kernel
-def _affine_kernel(y, x, scale, shift):
-    """y = x * scale + shift, rows of (M, C); scale, shift (C,)."""
+@sized_kernel
+def _scale_act_kernel(y, x, center, k, beta, lo, hi):
+    """y = clip((x - center) * k + beta, lo, hi), rows of (M, C); center, k, beta (C,).
+
+    Subtracting the center before scaling keeps float32 exact when the mean is large against the spread (a folded
+    x * scale + shift would cancel). (lo, hi) = (-inf, inf) is plain batch norm; a NaN passes both comparisons
+    and propagates. The backward recomputes the same expression to find where the activation passed gradient.
+    """
     m, c_size = x.shape
     for i in numba.prange(m):
         for c in range(c_size):
-            y[i, c] = x[i, c] * scale[c] + shift[c]
+            v = (x[i, c] - center[c]) * k[c] + beta[c]
+            v = lo if v < lo else v
+            y[i, c] = hi if v > hi else v
 
 
-@parallel_kernel
-def _backward_sums_kernel(dbeta_part, dgamma_part, dy, x_hat):
-    """Per-chunk float64 sums of dy and dy * x_hat over rows of (M, C) into (P, C) partials."""
+@sized_kernel
+def _backward_sums_kernel(dbeta_part, dgamma_part, dy, x, mean, inv_std, k, beta, lo, hi):
+    """Per-chunk float64 sums of g and g * x_hat into (P, C) partials, rows of (M, C).
+
+    x_hat = (x - mean) * inv_std; g = dy where the activation was in its linear region, lo < v < hi with
+    v = (x - mean) * k + beta the forward's pre-activation (same expression, same bits), else 0.
+    """
     n_chunks = dbeta_part.shape[0]
     m, c_size = dy.shape
     for p in numba.prange(n_chunks):
@@ -118,23 +146,31 @@ def _backward_sums_kernel(dbeta_part, dgamma_part, dy, x_hat):
             dgamma_part[p, c] = 0.0
         for i in range(start, stop):
             for c in range(c_size):
-                g = dy[i, c]
+                d = x[i, c] - mean[c]
+                v = d * k[c] + beta[c]
+                g = dy[i, c] if (v > lo) & (v < hi) else 0.0
                 dbeta_part[p, c] += g
-                dgamma_part[p, c] += g * x_hat[i, c]
+                dgamma_part[p, c] += g * (d * inv_std[c])
 
 
-@parallel_kernel
-def _backward_dx_kernel(dx, dy, x_hat, k, dbeta_mean, dgamma_mean):
-    """dx = k * (dy - dbeta_mean - x_hat * dgamma_mean), rows of (M, C); per-channel vectors (C,)."""
+@sized_kernel
+def _backward_dx_kernel(dx, dy, x, mean, inv_std, k, beta, lo, hi, dbeta_mean, dgamma_mean):
+    """dx = k * (g - dbeta_mean - x_hat * dgamma_mean), rows of (M, C), g and x_hat as in the sums kernel.
+
+    Each element reads dy[i, c] before writing dx[i, c], so dx may be dy itself.
+    """
     m, c_size = dy.shape
     for i in numba.prange(m):
         for c in range(c_size):
-            dx[i, c] = k[c] * (dy[i, c] - dbeta_mean[c] - x_hat[i, c] * dgamma_mean[c])
+            d = x[i, c] - mean[c]
+            v = d * k[c] + beta[c]
+            g = dy[i, c] if (v > lo) & (v < hi) else 0.0
+            dx[i, c] = k[c] * (g - dbeta_mean[c] - (d * inv_std[c]) * dgamma_mean[c])
 
 
-def _n_chunks(m):
-    """Chunks for the per-thread reductions: one per thread (never more than rows)."""
-    return max(1, min(m, numba.get_num_threads()))
+def _n_chunks(m, work):
+    """Chunks for the per-thread reductions: one per thread when the work runs parallel (never more than rows)."""
+    return max(1, min(m, numba.get_num_threads())) if use_parallel(work) else 1
 
 
 def _check_x(name, x):
@@ -161,6 +197,58 @@ def _check_positive(name, value):
     return float(value)
 
 
+def _check_act(act):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of None, 'relu', 'relu6', got {act!r}")
+    return ACTIVATIONS[act]
+
+
+def _check_out(out, like):
+    """A preallocated output: C-contiguous, ``like``'s shape and dtype (it is written through a 2-D view)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ValueError(f"out must have shape {like.shape} and dtype {like.dtype}, got {out.shape} {out.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be a writable C-contiguous array")
+    return out
+
+
+def _rows(x):
+    """(M, C) view of x; copies only if x is not C-contiguous."""
+    return np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (M, C)
+
+
+def _batch_stats(x2, running_mean, running_var, momentum, eps):
+    """Mean and inv_std (C,) of the rows of x2 (M, C), in x2's dtype; updates the running statistics in place."""
+    m, c_size = x2.shape
+    n_chunks = _n_chunks(m, x2.size)
+    count = np.empty(n_chunks, np.int64)
+    mean_part = np.empty((n_chunks, c_size), np.float64)
+    m2_part = np.empty((n_chunks, c_size), np.float64)
+    block_rows = max(1, _BLOCK_BYTES // (c_size * x2.itemsize))
+    _stats_kernel(count, mean_part, m2_part, x2, block_rows, work=x2.size)
+    mean = np.empty(c_size, x2.dtype)
+    inv_std = np.empty(c_size, x2.dtype)
+    _finish_stats_kernel(mean, inv_std, running_mean, running_var, count, mean_part, m2_part, float(momentum), eps)
+    return mean, inv_std
+
+
+def _check_train_args(x, gamma, beta, running_mean, running_var, momentum, eps):
+    _check_x("x", x)
+    _check_channel_vectors(x.shape[-1], "x", gamma=gamma, beta=beta, running_mean=running_mean,
+                           running_var=running_var)
+    check_same_dtype(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        if not v.flags.writeable:
+            raise ValueError(f"{name} must be writable: it is updated in place, got a read-only array")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] (Keras convention, e.g. 0.99), got {momentum!r}")
+    return _check_positive("eps", eps)
+
+
 def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, *, momentum=0.99, eps=1e-3):
     """Training-mode batch normalization with batch statistics; updates the running statistics in place.
 
@@ -184,50 +272,66 @@ def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, *, moment
         (y, x_hat, inv_std): y and x_hat shaped like x (x's dtype); inv_std (C,) x's dtype. x_hat and inv_std
         are what :func:`batchnorm_backward` needs.
     """
-    _check_x("x", x)
-    c_size = x.shape[-1]
-    _check_channel_vectors(c_size, "x", gamma=gamma, beta=beta, running_mean=running_mean,
-                           running_var=running_var)
-    check_same_dtype(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
-    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
-        if not v.flags.writeable:
-            raise ValueError(f"{name} must be writable: it is updated in place, got a read-only array")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)):
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] (Keras convention, e.g. 0.99), got {momentum!r}")
-    eps = _check_positive("eps", eps)
-
-    x2 = np.ascontiguousarray(x).reshape(-1, c_size)  # (M, C)
-    m = x2.shape[0]
-    n_chunks = _n_chunks(m)
-    count = np.empty(n_chunks, np.int64)
-    mean_part = np.empty((n_chunks, c_size), np.float64)
-    m2_part = np.empty((n_chunks, c_size), np.float64)
-    block_rows = max(1, _BLOCK_BYTES // (c_size * x.itemsize))
-    _stats_kernel(count, mean_part, m2_part, x2, block_rows)
-    mean = np.empty(c_size, np.float64)
-    m2 = np.empty(c_size, np.float64)
-    _merge_stats_kernel(mean, m2, count, mean_part, m2_part)
-
-    var = m2 / m  # biased, used to normalize
-    inv_std64 = 1.0 / np.sqrt(var + eps)
-    inv_std = inv_std64.astype(x.dtype)
+    eps = _check_train_args(x, gamma, beta, running_mean, running_var, momentum, eps)
+    x2 = _rows(x)  # (M, C)
+    mean, inv_std = _batch_stats(x2, running_mean, running_var, momentum, eps)
     y = np.empty_like(x2)
     x_hat = np.empty_like(x2)
-    _normalize_kernel(y, x_hat, x2, mean.astype(x.dtype), inv_std, np.ascontiguousarray(gamma),
-                      np.ascontiguousarray(beta))
-
-    unbiased_var = m2 / max(m - 1, 1)
-    running_mean *= momentum
-    running_mean += ((1.0 - momentum) * mean).astype(x.dtype)
-    running_var *= momentum
-    running_var += ((1.0 - momentum) * unbiased_var).astype(x.dtype)
+    _normalize_kernel(y, x_hat, x2, mean, inv_std, np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
+                      work=x2.size)
     return y.reshape(x.shape), x_hat.reshape(x.shape), inv_std
 
 
+def batchnorm_act_forward_train(x, gamma, beta, running_mean, running_var, *, act="relu", momentum=0.99,
+                                eps=1e-3, out=None):
+    """Training-mode batch normalization followed by an activation, in one pass after the statistics.
+
+    y = act(gamma * (x - mean) * inv_std + beta) with act ReLU, ReLU6 or none, and the batch statistics and
+    running-statistics update of :func:`batchnorm_forward_train`.
+
+    Args:
+        x: (N, H, W, C) or (N, C) float32/float64 activations. Keep it: the backward recomputes x_hat from it.
+        gamma, beta: (C,) scale and offset, x's dtype.
+        running_mean, running_var: (C,) writable buffers, x's dtype; updated in place.
+        act: 'relu', 'relu6' or None.
+        momentum: decay of the running averages, in [0, 1].
+        eps: added to the variance, > 0.
+        out: optional writable C-contiguous buffer shaped like x (x's dtype) to write y into; must not be x.
+
+    Returns:
+        (y, mean, inv_std): y shaped like x (``out`` when given); mean and inv_std (C,) x's dtype. With x they
+        are what :func:`batchnorm_act_backward` needs.
+    """
+    eps = _check_train_args(x, gamma, beta, running_mean, running_var, momentum, eps)
+    lo, hi = _check_act(act)
+    x2 = _rows(x)  # (M, C)
+    y = np.empty(x.shape, x.dtype) if out is None else _check_out(out, x)
+    if np.may_share_memory(y, x):
+        raise ValueError("out must not overlap x: the backward reads x")
+    mean, inv_std = _batch_stats(x2, running_mean, running_var, momentum, eps)
+    k = gamma * inv_std  # (C,), x's dtype: the backward computes the same product to find the same mask
+    _scale_act_kernel(y.reshape(x2.shape), x2, mean, k, np.ascontiguousarray(beta), x.dtype.type(lo),
+                      x.dtype.type(hi), work=x2.size)
+    return y, mean, inv_std
+
+
+def _forward_eval(x, gamma, beta, running_mean, running_var, act, eps, out):
+    _check_x("x", x)
+    _check_channel_vectors(x.shape[-1], "x", gamma=gamma, beta=beta, running_mean=running_mean,
+                           running_var=running_var)
+    check_same_dtype(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    eps = _check_positive("eps", eps)
+    lo, hi = _check_act(act)
+    k64 = gamma.astype(np.float64) / np.sqrt(running_var.astype(np.float64) + eps)
+    x2 = _rows(x)  # (M, C)
+    y = np.empty(x.shape, x.dtype) if out is None else _check_out(out, x)
+    _scale_act_kernel(y.reshape(x2.shape), x2, np.ascontiguousarray(running_mean), k64.astype(x.dtype),
+                      np.ascontiguousarray(beta), x.dtype.type(lo), x.dtype.type(hi), work=x2.size)
+    return y
+
+
 def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, *, eps=1e-3):
-    """Inference-mode batch normalization with the running statistics (one pass: y = x * scale + shift).
+    """Inference-mode batch normalization with the running statistics, one pass.
 
     y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta.
 
@@ -239,18 +343,55 @@ def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, *, eps=1e-
     Returns:
         y shaped like x, x's dtype.
     """
-    _check_x("x", x)
-    c_size = x.shape[-1]
-    _check_channel_vectors(c_size, "x", gamma=gamma, beta=beta, running_mean=running_mean,
-                           running_var=running_var)
-    check_same_dtype(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
-    eps = _check_positive("eps", eps)
-    scale64 = gamma.astype(np.float64) / np.sqrt(running_var.astype(np.float64) + eps)
-    shift64 = beta.astype(np.float64) - running_mean.astype(np.float64) * scale64
-    x2 = np.ascontiguousarray(x).reshape(-1, c_size)  # (M, C)
-    y = np.empty_like(x2)
-    _affine_kernel(y, x2, scale64.astype(x.dtype), shift64.astype(x.dtype))
-    return y.reshape(x.shape)
+    return _forward_eval(x, gamma, beta, running_mean, running_var, None, eps, None)
+
+
+def batchnorm_act_forward_eval(x, gamma, beta, running_mean, running_var, *, act="relu", eps=1e-3, out=None):
+    """Inference-mode batch normalization followed by an activation, one pass.
+
+    y = act(gamma * (x - running_mean) / sqrt(running_var + eps) + beta), act 'relu', 'relu6' or None.
+
+    Args:
+        x: (N, H, W, C) or (N, C) float32/float64.
+        gamma, beta, running_mean, running_var: (C,), x's dtype.
+        act: 'relu', 'relu6' or None.
+        eps: added to the variance, > 0.
+        out: optional writable C-contiguous buffer shaped like x (x's dtype); may be x itself (in place).
+
+    Returns:
+        y shaped like x, x's dtype (``out`` when given).
+    """
+    return _forward_eval(x, gamma, beta, running_mean, running_var, act, eps, out)
+
+
+def _backward(dy, x, mean, inv_std, k, beta, lo, hi, out):
+    """Shared by both backward APIs: x_hat = (x - mean) * inv_std, mask from (x - mean) * k + beta."""
+    c_size = dy.shape[-1]
+    dy2 = _rows(dy)  # (M, C)
+    x2 = _rows(x)  # (M, C)
+    m = dy2.shape[0]
+    n_chunks = _n_chunks(m, dy2.size)
+    dbeta_part = np.empty((n_chunks, c_size), np.float64)
+    dgamma_part = np.empty((n_chunks, c_size), np.float64)
+    dtype = dy.dtype.type
+    _backward_sums_kernel(dbeta_part, dgamma_part, dy2, x2, mean, inv_std, k, beta, dtype(lo), dtype(hi),
+                          work=dy2.size)
+    dbeta64 = dbeta_part.sum(axis=0)
+    dgamma64 = dgamma_part.sum(axis=0)
+
+    # With y = gamma * x_hat + beta, x_hat = (x - mean) * inv_std, mean and var over the m rows of a channel, and
+    # g = dL/dy (the upstream gradient masked by the activation):
+    #   dbeta  = sum_i g_i,        dgamma = sum_i g_i * x_hat_i,
+    #   dx_i   = gamma * inv_std * (g_i - dbeta / m - x_hat_i * dgamma / m)
+    # (the two subtracted terms are the paths through mean and var; eps does not change the form).
+    dx = np.empty(dy.shape, dy.dtype) if out is None else _check_out(out, dy)
+    if out is not None and out is not dy and np.may_share_memory(out, dy):
+        raise ValueError("out must be dy itself or not overlap it")
+    if np.may_share_memory(dx, x):
+        raise ValueError("out must not overlap x")
+    _backward_dx_kernel(dx.reshape(dy2.shape), dy2, x2, mean, inv_std, k, beta, dtype(lo), dtype(hi),
+                        (dbeta64 / m).astype(dy.dtype), (dgamma64 / m).astype(dy.dtype), work=dy2.size)
+    return dx, dgamma64.astype(dy.dtype), dbeta64.astype(dy.dtype)
 
 
 def batchnorm_backward(dy, x_hat, inv_std, gamma):
@@ -272,23 +413,35 @@ def batchnorm_backward(dy, x_hat, inv_std, gamma):
     c_size = dy.shape[-1]
     _check_channel_vectors(c_size, "dy", inv_std=inv_std, gamma=gamma)
     check_same_dtype(dy=dy, x_hat=x_hat, inv_std=inv_std, gamma=gamma)
+    zeros, ones = np.zeros(c_size, dy.dtype), np.ones(c_size, dy.dtype)
+    k = (gamma.astype(np.float64) * inv_std.astype(np.float64)).astype(dy.dtype)
+    lo, hi = ACTIVATIONS[None]
+    return _backward(dy, x_hat, zeros, ones, k, zeros, lo, hi, None)  # x_hat is x with mean 0 and inv_std 1
 
-    dy2 = np.ascontiguousarray(dy).reshape(-1, c_size)  # (M, C)
-    x_hat2 = np.ascontiguousarray(x_hat).reshape(-1, c_size)  # (M, C)
-    m = dy2.shape[0]
-    n_chunks = _n_chunks(m)
-    dbeta_part = np.empty((n_chunks, c_size), np.float64)
-    dgamma_part = np.empty((n_chunks, c_size), np.float64)
-    _backward_sums_kernel(dbeta_part, dgamma_part, dy2, x_hat2)
-    dbeta64 = dbeta_part.sum(axis=0)
-    dgamma64 = dgamma_part.sum(axis=0)
 
-    # With y = gamma * x_hat + beta, x_hat = (x - mean) * inv_std, mean and var over the m rows of a channel:
-    #   dbeta  = sum_i dy_i,        dgamma = sum_i dy_i * x_hat_i,
-    #   dx_i   = gamma * inv_std * (dy_i - dbeta / m - x_hat_i * dgamma / m)
-    # (the two subtracted terms are the paths through mean and var; eps does not change the form).
-    k = gamma.astype(np.float64) * inv_std.astype(np.float64)
-    dx = np.empty_like(dy2)
-    _backward_dx_kernel(dx, dy2, x_hat2, k.astype(dy.dtype), (dbeta64 / m).astype(dy.dtype),
-                        (dgamma64 / m).astype(dy.dtype))
-    return dx.reshape(dy.shape), dgamma64.astype(dy.dtype), dbeta64.astype(dy.dtype)
+def batchnorm_act_backward(dy, x, mean, inv_std, gamma, beta, *, act="relu", out=None):
+    """Gradients of :func:`batchnorm_act_forward_train`: the activation's mask and batch norm's backward in two
+    passes over dy and x.
+
+    Args:
+        dy: (N, H, W, C) or (N, C) gradient of the activation's output, float32/float64.
+        x: the forward's input, shaped like dy.
+        mean, inv_std: (C,) from the forward.
+        gamma, beta: (C,) the parameters the forward used.
+        act: the forward's activation.
+        out: optional writable C-contiguous buffer shaped like dy for dx; may be dy itself (in place), must not
+            overlap x.
+
+    Returns:
+        (dx, dgamma, dbeta): dx shaped like dy (``out`` when given); dgamma, dbeta (C,); all dy's dtype.
+    """
+    _check_x("dy", dy)
+    check_float_array("x", x)
+    if x.shape != dy.shape:
+        raise ValueError(f"x must have the shape of dy {dy.shape}, got {x.shape}")
+    _check_channel_vectors(dy.shape[-1], "dy", mean=mean, inv_std=inv_std, gamma=gamma, beta=beta)
+    check_same_dtype(dy=dy, x=x, mean=mean, inv_std=inv_std, gamma=gamma, beta=beta)
+    lo, hi = _check_act(act)
+    k = gamma * inv_std  # (C,): the forward's product, bit for bit
+    return _backward(dy, x, np.ascontiguousarray(mean), np.ascontiguousarray(inv_std), k,
+                     np.ascontiguousarray(beta), lo, hi, out)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
+from kernels import _jit
 from kernels.geometry import conv_geometry
 
 LAYOUTS = ("contiguous", "strided", "transposed")
@@ -21,13 +22,20 @@ LAYOUTS = ("contiguous", "strided", "transposed")
 
 @contextlib.contextmanager
 def numba_threads(n):
-    """Run the enclosed kernels on min(n, available) numba threads, restoring the previous count after."""
-    previous = numba.get_num_threads()
+    """Run the enclosed kernels on min(n, available) numba threads, restoring the previous count after.
+
+    With n > 1, size-dispatched kernels (``kernels._jit.sized_kernel``) run their parallel version whatever the
+    size, so a test's small arrays still exercise the threads' disjoint writes and chunked reductions.
+    """
+    previous = numba.get_num_threads(), _jit.PARALLEL_MIN_WORK
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if n > 1:
+        _jit.PARALLEL_MIN_WORK = 0
     try:
         yield
     finally:
-        numba.set_num_threads(previous)
+        numba.set_num_threads(previous[0])
+        _jit.PARALLEL_MIN_WORK = previous[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
