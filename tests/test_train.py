@@ -162,6 +162,31 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert exc.value.code == 2 and "already holds a checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not os.path.exists(FASHION), reason="Fashion-MNIST is not installed")
+def test_cli_resume_after_ctrl_c_equals_uninterrupted(tmp_path, capsys, monkeypatch, restore_threads):
+    argv = ["--model", "small", "--epochs", "2", "--limit-train", "640", "--val", "128", "--limit-test", "128",
+            "--batch-size", "64", "--threads", "1", "--no-progress"]
+    assert train_cli.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+
+    real_epoch = train_cli._train_epoch
+
+    def ctrl_c_in_epoch_2(*args, epoch, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(*args, epoch=epoch, **kwargs)
+
+    cut = str(tmp_path / "cut")
+    monkeypatch.setattr(train_cli, "_train_epoch", ctrl_c_in_epoch_2)
+    assert train_cli.main(argv + ["--out", cut]) == 130
+    assert f"interrupted; the last good checkpoint is {cut}" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert train_cli.main(["--resume", "--out", cut, "--threads", "1", "--no-progress"]) == 0
+    whole, resumed = ckpt.load_checkpoint(tmp_path / "whole"), ckpt.load_checkpoint(cut)
+    assert resumed.epoch == 2
+    for name, value in whole.model_state.items():
+        np.testing.assert_array_equal(resumed.model_state[name], value, err_msg=name)
+
+
 def test_input_geometry():
     assert train_cli.input_geometry((28, 28), 32) == (None, 32)
     assert train_cli.input_geometry((28, 28), 64) == ((56, 56), 64)

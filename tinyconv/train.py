@@ -24,9 +24,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
+from tqdm import tqdm
 
 from tinyconv import checkpoint as ckpt
 from tinyconv.data import (Augment, DatasetError, Normalization, iterate_batches, load_dataset, num_batches,
@@ -186,7 +187,6 @@ def _make_optimizer(kind, model, *, lr, momentum, nesterov, weight_decay):
 def _train_epoch(model, opt, loss_fn, sched, arrays, *, epoch, epochs, batch_size, steps_per_epoch, augment,
                  normalization, seed, progress, on_step, ckpt_path):
     """One pass over the training data; returns the epoch's metrics row (without validation) and its seconds."""
-    from tqdm import tqdm
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress,
                leave=False, dynamic_ncols=True, file=sys.stderr)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -322,7 +322,6 @@ def load_data(cfg, splits=("train", "val", "test")):
 
 
 def _head(dataset, n):
-    from dataclasses import replace
     return replace(dataset, images=dataset.images[:n], labels=dataset.labels[:n])
 
 
