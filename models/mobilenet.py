@@ -6,6 +6,8 @@ both 7x7: that is a typo and the row below has stride 1, as in Keras and TF-slim
 
 Layer names follow Keras's ``applications.MobileNet`` (``conv1``, ``conv1_bn``, ``conv1_relu``, ``conv_dw_1``,
 ``conv_dw_1_bn``, ``conv_dw_1_relu``, ``conv_pw_1``, ..., ``conv_preds``), so parameters can be matched by name.
+By default each ``_bn``/``_relu`` pair is one fused ``BatchNormAct`` layer named ``..._bn`` whose parts carry both
+names (``fuse=False`` builds them as two layers).
 Keras inserts ``ZeroPadding2D`` layers before strided convs to get TensorFlow's 'same' padding (extra row and column
 bottom/right); here 'same' padding does that inside the conv, so those layers have no counterpart.
 """
@@ -14,8 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tinyconv import (AvgPool2D, BatchNorm, Conv2D, DepthwiseConv2D, Dropout, Flatten, GlobalAvgPool2D, Linear,
-                      MaxPool2D, PointwiseConv2D, Sequential, activation as make_activation)
+from tinyconv import (AvgPool2D, BatchNorm, BatchNormAct, Conv2D, DepthwiseConv2D, Dropout, Flatten,
+                      GlobalAvgPool2D, Linear, MaxPool2D, PointwiseConv2D, Sequential, activation as make_activation)
 
 
 class Row(NamedTuple):
@@ -74,7 +76,8 @@ def _check_choice(name, value, choices):
 
 def mobilenet_v1(*, alpha=1.0, resolution=224, classes=1000, dropout=1e-3, include_top=True, pooling=None,
                  depth_multiplier=1, activation="relu", shallow=False, full_conv=False, in_channels=3,
-                 min_depth=None, classifier="fc", seed=0, dtype=np.float32, bn_momentum=0.99, bn_eps=1e-3):
+                 min_depth=None, classifier="fc", seed=0, dtype=np.float32, bn_momentum=0.99, bn_eps=1e-3,
+                 fuse=True):
     """Build MobileNet v1 as a Sequential model.
 
     Args:
@@ -96,6 +99,9 @@ def mobilenet_v1(*, alpha=1.0, resolution=224, classes=1000, dropout=1e-3, inclu
         seed: seeds the numpy Generator every layer is initialized from.
         dtype: float32 or float64.
         bn_momentum, bn_eps: batch-norm hyperparameters (Keras's defaults).
+        fuse: compute each batch norm and its activation as one ``BatchNormAct`` layer named like the batch norm
+            (same parameters, names and counts; about a third of the memory passes). False keeps Keras's separate
+            ``..._bn`` and ``..._relu`` layers.
 
     Returns:
         Sequential named like Keras (``mobilenet_1.00_224``) taking (N, resolution, resolution, in_channels);
@@ -132,6 +138,9 @@ def mobilenet_v1(*, alpha=1.0, resolution=224, classes=1000, dropout=1e-3, inclu
     common = dict(rng=rng, dtype=dtype)
 
     def bn_act(name, channels):
+        if fuse:
+            return [BatchNormAct(channels, activation, momentum=bn_momentum, eps=bn_eps, name=f"{name}_bn",
+                                 act_name=f"{name}_relu", dtype=dtype)]
         return [BatchNorm(channels, momentum=bn_momentum, eps=bn_eps, name=f"{name}_bn", dtype=dtype),
                 make_activation(activation, name=f"{name}_relu")]
 

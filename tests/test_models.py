@@ -40,7 +40,9 @@ def test_param_counts_equal_keras(alpha, classifier):
 
 
 def test_layer_names_follow_keras():
-    names = [layer.name for layer in models.mobilenet_v1().layers]
+    names = [layer.name for layer in models.mobilenet_v1(fuse=False).layers]
+    fused = [part.name for layer in models.mobilenet_v1().layers for part in layer.parts()]
+    assert fused == names  # a fused BN + ReLU layer's parts carry both Keras names
     assert names[:3] == ["conv1", "conv1_bn", "conv1_relu"]
     for i in range(1, 14):
         for part in ("dw", "pw"):
@@ -69,7 +71,8 @@ def test_variants_change_the_table_not_the_model():
     assert not any(layer.kind in ("depthwise", "pointwise") for layer in full.layers[:-1])
     assert full.output_shape() == (1000,)
     dm = models.mobilenet_v1(depth_multiplier=2)
-    assert dm.layers[3].out_channels == 64 and dm.layers[6].in_channels == 64
+    by_name = {layer.name: layer for layer in dm.layers}
+    assert by_name["conv_dw_1"].out_channels == 64 and by_name["conv_pw_1"].in_channels == 64
 
 
 @pytest.mark.parametrize("kwargs,shape", [

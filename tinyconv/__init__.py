@@ -3,14 +3,14 @@
 Importing compiles no kernel: each compiles on first use and is cached on disk.
 """
 from tinyconv.layer import Layer
-from tinyconv.layers import (AvgPool2D, BatchNorm, Conv2D, DepthwiseConv2D, Dropout, Flatten, GlobalAvgPool2D,
-                             Linear, MaxPool2D, PointwiseConv2D, ReLU, ReLU6, activation)
+from tinyconv.layers import (AvgPool2D, BatchNorm, BatchNormAct, Conv2D, DepthwiseConv2D, Dropout, Flatten,
+                             GlobalAvgPool2D, Linear, MaxPool2D, PointwiseConv2D, ReLU, ReLU6, activation)
 from tinyconv.loss import SoftmaxCrossEntropy
 from tinyconv.sequential import Sequential, StateError
 from tinyconv.threads import set_threads
 
 __all__ = [
-    "Layer", "Conv2D", "DepthwiseConv2D", "PointwiseConv2D", "BatchNorm", "ReLU", "ReLU6", "activation",
+    "Layer", "Conv2D", "DepthwiseConv2D", "PointwiseConv2D", "BatchNorm", "BatchNormAct", "ReLU", "ReLU6", "activation",
     "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D", "Dropout", "Flatten", "Linear", "SoftmaxCrossEntropy",
     "Sequential", "StateError", "set_threads",
 ]

@@ -133,12 +133,17 @@ def count_layers(model, input_shape=None, convention=DEFAULT):
         convention: which free ops to count.
 
     Returns:
-        list of LayerCount, in layer order.
+        list of LayerCount, in layer order; a fused layer gives one row per part (see ``Layer.parts``).
     """
-    return [LayerCount(layer.name, layer.type_label, tuple(shape_in), tuple(shape_out), paper_params(layer),
-                       layer.param_count(True), layer.param_count(False),
-                       layer.macs(shape_in) + convention.extra(layer.extra_ops(shape_in)))
-            for layer, shape_in, shape_out in model.layer_shapes(input_shape)]
+    rows = []
+    for fused, shape, _ in model.layer_shapes(input_shape):
+        for layer in fused.parts():  # a fused layer (BatchNormAct) counts as the layers it computes
+            shape_out = layer.output_shape(shape)
+            rows.append(LayerCount(layer.name, layer.type_label, tuple(shape), tuple(shape_out), paper_params(layer),
+                                   layer.param_count(True), layer.param_count(False),
+                                   layer.macs(shape) + convention.extra(layer.extra_ops(shape))))
+            shape = shape_out
+    return rows
 
 
 def by_type(layers):

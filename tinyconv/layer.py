@@ -72,6 +72,10 @@ class Layer:
         """Operations the default convention counts as free, per sample, by kind (keys from EXTRA_KINDS)."""
         return {}
 
+    def parts(self):
+        """The layers this one computes, for counting and summaries: itself, or a fused layer's components."""
+        return (self,)
+
     def param_count(self, trainable_only=True):
         """Number of parameters (with ``trainable_only=False``, buffers included)."""
         n = sum(int(p.size) for p in self.params.values())

@@ -315,6 +315,71 @@ def activation(kind, name=None):
     return table[kind](name)
 
 
+class BatchNormAct(Layer):
+    """Batch norm followed by its activation, run by fused kernels: one pass after the statistics in the forward,
+    two in the backward, and only the input x (plus two (C,) vectors) kept in between.
+
+    It owns the batch norm's parameters and buffers under the batch norm's name, so a fused model has the unfused
+    one's parameter names (``conv1_bn/gamma``, ``conv1_bn/moving_mean``), counts and state files. ``parts()``
+    returns the two layers it computes (a :class:`BatchNorm` sharing these arrays and the activation, named like
+    Keras's ``conv1_bn`` and ``conv1_relu``); counting and summaries report those, so they read as unfused.
+
+    Args:
+        channels: C.
+        act: 'relu' or 'relu6'.
+        momentum, eps: batch norm's (Keras's defaults 0.99, 1e-3).
+        name: the batch norm's name; act_name: the activation's (default ``name + '_act'``).
+    """
+
+    kind = "batchnorm"
+
+    def __init__(self, channels, act="relu", *, momentum=0.99, eps=1e-3, name=None, act_name=None,
+                 dtype=np.float32):
+        super().__init__(name)
+        self.bn = BatchNorm(channels, momentum=momentum, eps=eps, name=self.name, dtype=dtype)
+        self.act = activation(act, name=act_name or f"{self.name}_act")
+        self.act_kind = act
+        self.channels, self.momentum, self.eps = self.bn.channels, self.bn.momentum, self.bn.eps
+        self.params, self.grads, self.buffers = self.bn.params, self.bn.grads, self.bn.buffers  # shared dicts
+
+    @property
+    def type_label(self):
+        return f"BatchNorm+{self.act.type_label}"
+
+    def parts(self):
+        return (self.bn, self.act)
+
+    def forward(self, x, training=False):
+        if x.ndim not in (2, 4):
+            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
+        self._check_input(x, x.ndim, self.channels)
+        p, b = self.params, self.buffers
+        if training:
+            y, mean, inv_std = bn_k.batchnorm_act_forward_train(
+                x, p["gamma"], p["beta"], b["moving_mean"], b["moving_variance"], act=self.act_kind,
+                momentum=self.momentum, eps=self.eps)
+            self._cache = (x, mean, inv_std)
+            return y
+        self._cache = None
+        return bn_k.batchnorm_act_forward_eval(x, p["gamma"], p["beta"], b["moving_mean"], b["moving_variance"],
+                                               act=self.act_kind, eps=self.eps)
+
+    def backward(self, dy, need_dx=True):
+        x, mean, inv_std = self._take_cache()
+        p = self.params
+        dx, dgamma, dbeta = bn_k.batchnorm_act_backward(dy, x, mean, inv_std, p["gamma"], p["beta"],
+                                                        act=self.act_kind)
+        self.grads["gamma"] += dgamma
+        self.grads["beta"] += dbeta
+        return dx if need_dx else None
+
+    def output_shape(self, input_shape):
+        return self.bn.output_shape(input_shape)
+
+    def extra_ops(self, input_shape):
+        return {**self.bn.extra_ops(input_shape), **self.act.extra_ops(input_shape)}
+
+
 class _Pool(Layer):
     kind = "pool"
 
