@@ -9,7 +9,7 @@ serial and parallel, called with the amount of work, and :func:`use_parallel` is
 
 Environment switches (read once, at import):
     TINYCONV_FASTMATH=1       allow fastmath reassociation (faster reductions, results differ in the last bits).
-    TINYCONV_PARALLEL_MIN=n   smallest work (elements) a sized kernel runs in parallel (default 2**17).
+    TINYCONV_PARALLEL_MIN=n   smallest work (elements) a sized kernel runs in parallel (default 2**19).
     NUMBA_DISABLE_JIT=1       Numba's own switch: kernels run as plain Python, for debugging and coverage.
     OMP_WAIT_POLICY           defaults to PASSIVE here (see below); set it yourself to override.
 """
@@ -20,7 +20,8 @@ import types
 # kernels the workers spin while NumPy's BLAS threads need the same cores, and on a loaded machine a spinning
 # worker that the scheduler has parked makes the next launch wait a whole time slice: measured on the 2-core
 # machine at load 7, a launch of a 1024-element loop took 16 ms median with the default and 8.5 us with PASSIVE
-# (a MobileNet 0.5/32 training step: ~4 s against ~0.1 s). Set before libgomp loads, so it applies.
+# (a MobileNet 0.5/32 training step: ~4 s against ~0.1 s); at load ~2 the step took 370-410 ms with ACTIVE or
+# GOMP_SPINCOUNT >= 20000 against 29-34 ms with PASSIVE. Set before libgomp loads, so it applies.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402  (after the environment default above)
@@ -33,9 +34,10 @@ JIT_OPTIONS = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy
 # arithmetic throughput. Contraction only drops the intermediate rounding; nothing is reassociated.
 FAST_OPTIONS = dict(JIT_OPTIONS, fastmath=True if FASTMATH else {"contract"})
 
-# A parallel launch costs ~10 us idle (more under load) and a serial pass streams ~1 element/ns, so below ~1e5
-# elements one thread finishes first: the res-32 MobileNet's 2x2 and 1x1 maps never pay for a launch.
-PARALLEL_MIN_WORK = int(os.environ.get("TINYCONV_PARALLEL_MIN", 1 << 17))
+# With passive workers a launch costs ~60 us on this VM when idle (waking a sleeping vCPU) and ~10 us under load.
+# Measured per BN+ReLU layer: two threads win only from ~0.5-1 M elements (forward 0.52 -> 0.35 ms at 1 M, backward
+# 0.44 -> 0.54 ms at 0.5 M), so smaller maps run serial and never pay for a launch.
+PARALLEL_MIN_WORK = int(os.environ.get("TINYCONV_PARALLEL_MIN", 1 << 19))
 
 
 def kernel(fn):
