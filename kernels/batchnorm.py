@@ -154,18 +154,24 @@ def _backward_sums_kernel(dbeta_part, dgamma_part, dy, x, mean, inv_std, k, beta
 
 
 @sized_kernel
-def _backward_dx_kernel(dx, dy, x, mean, inv_std, k, beta, lo, hi, dbeta_mean, dgamma_mean):
+def _backward_dx_kernel(dx, dy, x, mean, inv_std, k, beta, lo, hi, dbeta_mean, dgamma_mean, n_chunks):
     """dx = k * (g - dbeta_mean - x_hat * dgamma_mean), rows of (M, C), g and x_hat as in the sums kernel.
 
-    Each element reads dy[i, c] before writing dx[i, c], so dx may be dy itself.
+    dx may be dy itself. Each row of dy is first copied to a small buffer: LLVM vectorizes a loop only after a
+    runtime check that its output does not overlap its inputs, and dx == dy would send it to the scalar loop
+    (measured 3x slower on cache-resident maps).
     """
     m, c_size = dy.shape
-    for i in numba.prange(m):
-        for c in range(c_size):
-            d = x[i, c] - mean[c]
-            v = d * k[c] + beta[c]
-            g = dy[i, c] if (v > lo) & (v < hi) else 0.0
-            dx[i, c] = k[c] * (g - dbeta_mean[c] - (d * inv_std[c]) * dgamma_mean[c])
+    for p in numba.prange(n_chunks):
+        g = np.empty(c_size, dy.dtype)
+        for i in range(p * m // n_chunks, (p + 1) * m // n_chunks):
+            for c in range(c_size):
+                g[c] = dy[i, c]
+            for c in range(c_size):
+                d = x[i, c] - mean[c]
+                v = d * k[c] + beta[c]
+                gc = g[c] if (v > lo) & (v < hi) else 0.0
+                dx[i, c] = k[c] * (gc - dbeta_mean[c] - (d * inv_std[c]) * dgamma_mean[c])
 
 
 def _n_chunks(m, work):
@@ -390,7 +396,7 @@ def _backward(dy, x, mean, inv_std, k, beta, lo, hi, out):
     if np.may_share_memory(dx, x):
         raise ValueError("out must not overlap x")
     _backward_dx_kernel(dx.reshape(dy2.shape), dy2, x2, mean, inv_std, k, beta, dtype(lo), dtype(hi),
-                        (dbeta64 / m).astype(dy.dtype), (dgamma64 / m).astype(dy.dtype), work=dy2.size)
+                        (dbeta64 / m).astype(dy.dtype), (dgamma64 / m).astype(dy.dtype), n_chunks, work=dy2.size)
     return dx, dgamma64.astype(dy.dtype), dbeta64.astype(dy.dtype)
 
 

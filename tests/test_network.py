@@ -222,3 +222,26 @@ def test_backward_without_forward_is_a_clear_error():
     layer.forward(np.ones((1, 2), np.float32), training=False)
     with pytest.raises(RuntimeError, match="layer 'r': backward called without"):
         layer.backward(np.ones((1, 2), np.float32))
+
+
+def test_fused_bn_matches_the_unfused_layers_and_leaves_the_callers_gradient():
+    """The caller's dy reaches the fused BN layer as a view (through Flatten); it must come back untouched."""
+    from tinyconv import BatchNormAct
+    rng = np.random.default_rng(0)
+    model = Sequential([Conv2D(3, 4, 3, name="conv", rng=rng, dtype=np.float64),
+                        BatchNormAct(4, name="bn", dtype=np.float64), Flatten(name="flatten")],
+                       input_shape=(5, 5, 3))
+    x = rng.standard_normal((2, 5, 5, 3))
+    dy = rng.standard_normal((2, 100))
+    kept = dy.copy()
+    model.forward(x, training=True)
+    dx = model.backward(dy, need_dx=True)
+    np.testing.assert_array_equal(dy, kept)
+    reference = Sequential([Conv2D(3, 4, 3, name="conv", rng=np.random.default_rng(0), dtype=np.float64),
+                            BatchNorm(4, name="bn", dtype=np.float64), ReLU(name="relu"), Flatten(name="flatten")],
+                           input_shape=(5, 5, 3))
+    reference.forward(x, training=True)
+    np.testing.assert_allclose(dx, reference.backward(dy, need_dx=True), rtol=1e-10, atol=1e-14)
+    for (name, _, g), (_, _, g_ref) in zip(model.named_parameters(), reference.named_parameters()):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-14, err_msg=name)
+
