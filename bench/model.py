@@ -1,0 +1,668 @@
+"""End-to-end MobileNet v1 speed and memory against PyTorch, where the time goes, and what the JIT costs.
+
+    .venv/bin/python -m bench.model                  # everything, writes bench/results/model.md
+    .venv/bin/python -m bench.model --quick          # small cases, 3 repeats, no cold compile: a smoke run
+    .venv/bin/python -m bench.model --case train     # only the rows whose label contains 'train'
+
+Sections:
+    speed      images/s of a training step (forward, softmax cross-entropy, backward, SGD with momentum 0.9) and
+               of inference, ours against ``bench.torch_mobilenet`` holding the very same weights (copied by
+               name), PyTorch in NCHW and channels_last (best taken), repeats interleaved, medians. Each case is
+               validated first at its own shape: inference logits, and for training the loss and every
+               parameter gradient (dropout off for that one check, since the two engines draw different masks).
+    memory     peak resident memory of each engine in a subprocess of its own (``resource.getrusage``
+               ``ru_maxrss``): the process peak, and the peak above the resident size just before the first step
+               (model, optimizer state and input batch are already there), which is what a step adds.
+    profile    per layer type, time from ``Sequential.add_hook`` around every layer's forward and backward
+               (medians over steps) against its share of mult-adds: the paper's Table 2, in time.
+    blocks     every depthwise-separable block (depthwise + pointwise conv layers only) timed against a standard
+               3x3 ``Conv2D`` with the same input, output channels and stride, next to the mult-add ratio
+               1/N + 1/D_K^2: where the savings in arithmetic turn into savings in time.
+    JIT        cold compile: a subprocess with ``NUMBA_CACHE_DIR`` pointed at an empty directory calls every public
+               kernel once in float32; warm start: a subprocess with the cache populated, timed from before its
+               launch to the end of its first training step (``tinyconv.train``'s default workload).
+"""
+if __name__ == "__main__":
+    from bench._harness import reexec_for_benchmark
+    reexec_for_benchmark("bench.model")
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from bench import _harness as h
+
+MODULE = "bench.model"
+DEFAULT_OUT = "bench/results/model.md"
+DEFAULT_REPEATS = 5
+LR, MOMENTUM = 0.01, 0.9
+
+
+class Case(NamedTuple):
+    """One end-to-end measurement: a MobileNet configuration, a batch, training or inference, and its target."""
+    mode: str  # 'train' or 'infer'
+    alpha: float
+    resolution: int
+    batch: int
+    in_channels: int
+    classes: int
+    dropout: float
+    target: Optional[float]  # required torch-time / our-time ratio
+
+    @property
+    def name(self):
+        return f"{self.mode} {self.alpha:g}-{self.resolution}-b{self.batch}" + \
+            (" fmnist" if self.in_channels == 1 else "")
+
+
+CASES = (
+    Case("train", 1.0, 128, 32, 3, 1000, 1e-3, 1.5),
+    Case("train", 0.5, 128, 32, 3, 1000, 1e-3, 1.5),
+    Case("train", 0.5, 32, 128, 1, 10, 0.2, 1.5),
+    Case("infer", 1.0, 128, 32, 3, 1000, 1e-3, 1.5),
+    Case("infer", 0.5, 128, 32, 3, 1000, 1e-3, None),
+    Case("infer", 1.0, 224, 1, 3, 1000, 1e-3, 1.0),
+)
+QUICK_CASES = (CASES[2], CASES[5])
+WARM_START_CASE = CASES[2]  # tinyconv.train's default: MobileNet 0.5, 32x32x1, batch 128
+
+
+def case_by_name(name):
+    for c in CASES:
+        if c.name == name:
+            return c
+    raise ValueError(f"unknown case {name!r}; expected one of {[c.name for c in CASES]}")
+
+
+def build_ours(case, seed=0):
+    import models
+    return models.mobilenet_v1(alpha=case.alpha, resolution=case.resolution, classes=case.classes,
+                               in_channels=case.in_channels, dropout=case.dropout, seed=seed)
+
+
+def batch(case, seed=0):
+    """A random NHWC float32 batch and labels for ``case``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((case.batch, case.resolution, case.resolution, case.in_channels), dtype=np.float32)
+    return x, rng.integers(0, case.classes, case.batch)
+
+
+def ours_step(model, case, x, y):
+    """A zero-argument callable running one training step (or one inference forward) of our engine."""
+    if case.mode == "infer":
+        model.eval()
+        return lambda: model.forward(x, training=False)
+    from tinyconv import SoftmaxCrossEntropy
+    from tinyconv.optim import SGD
+    model.train()
+    loss_fn = SoftmaxCrossEntropy()
+    opt = SGD(model.named_parameters(), lr=LR, momentum=MOMENTUM, nesterov=False)
+
+    def step():
+        model.zero_grad()
+        loss_fn.forward(model.forward(x, training=True), y)
+        model.backward(loss_fn.backward())
+        opt.step()
+    return step
+
+
+def torch_step(torch, tmodel, case, xt, yt):
+    """The same for a torch model: ``inference_mode`` forward, or zero_grad/forward/loss/backward/SGD step."""
+    if case.mode == "infer":
+        tmodel.eval()
+
+        def infer():
+            with torch.inference_mode():
+                return tmodel(xt)
+        return infer
+    tmodel.train()
+    opt = torch.optim.SGD(tmodel.parameters(), lr=LR, momentum=MOMENTUM)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(tmodel(xt), yt).backward()
+        opt.step()
+    return step
+
+
+def torch_inputs(torch, x, y):
+    """Our NHWC batch as PyTorch inputs: {'NCHW': contiguous, 'channels_last': same values, NHWC memory}."""
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    return {"NCHW": t.contiguous(), "channels_last": t.contiguous(memory_format=torch.channels_last)}, \
+        torch.from_numpy(y)
+
+
+def validate(torch, case, model, tmodels, x, y, xts, yt):
+    """Compare the engines at the case's shape; returns (description, worst relative error, passed)."""
+    from bench.torch_mobilenet import TORCH_PARAM, torch_gradient_like_tinyconv
+    from tinyconv import SoftmaxCrossEntropy
+    if case.mode == "infer":
+        model.eval()
+        ours = model.forward(x, training=False)
+        errs = []
+        for lay, tm in tmodels.items():
+            tm.eval()
+            with torch.inference_mode():
+                errs.append(h.rel_error(ours, tm(xts[lay]).numpy()))
+        err = max(errs)
+        return f"logits rel. err {err:.1e}", err, err <= 1e-3
+    # Training: one step with dropout off on both sides, in float32, and in float64 through our engine (the same
+    # network and weights), which the two float32 gradients are measured against: BN over small spatial maps makes
+    # float32 gradients of this network drift ~1% from exact, in both engines, so their mutual difference alone
+    # says little. Passes if PyTorch agrees with the float64 run (so it is a valid reference) and ours is within a
+    # factor of 2 of PyTorch's error or under 5e-2: a ReLU whose input sits at 0 can take either branch in float32,
+    # which moves that layer's gradients by a few percent in either engine; a wrong backward is off by O(1).
+    tm = tmodels["NCHW"]
+    model64 = build_ours(case).astype(np.float64)
+    models_ = (model, model64)
+    drops = [(layer, layer.rate) for m in models_ for layer in m.layers if layer.kind == "dropout"]
+    tdrops = [(m, m.p) for m in tm.modules() if isinstance(m, torch.nn.Dropout)]
+    for layer, _ in drops:
+        layer.rate = 0.0
+    for m, _ in tdrops:
+        m.p = 0.0
+    try:
+        losses = []
+        for m, xm in ((model, x), (model64, x.astype(np.float64))):
+            m.train()
+            m.zero_grad()
+            loss_fn = SoftmaxCrossEntropy()
+            losses.append(loss_fn.forward(m.forward(xm, training=True), y))
+            m.backward(loss_fn.backward())
+        tm.train()
+        tm.zero_grad(set_to_none=True)
+        tloss = torch.nn.functional.cross_entropy(tm(xts["NCHW"]), yt)
+        tloss.backward()
+        modules = dict(tm.named_children())
+        ours_err = torch_err = 0.0
+        for layer, layer64 in zip(model.layers, model64.layers):
+            for k in layer.params:
+                g = torch_gradient_like_tinyconv(modules[layer.name], TORCH_PARAM[k])
+                ref = layer64.grads[k]
+                scale = max(float(np.linalg.norm(ref)), 1e-30)
+                ours_err = max(ours_err, float(np.linalg.norm(layer.grads[k] - ref)) / scale)
+                torch_err = max(torch_err, float(np.linalg.norm(g - ref)) / scale)
+        tl = float(tloss.detach())
+        loss_err = abs(losses[0] - tl) / abs(tl)
+    finally:
+        for layer, rate in drops:
+            layer.rate = rate
+        for m, p in tdrops:
+            m.p = p
+        model.zero_grad()
+        tm.zero_grad(set_to_none=True)
+    ok = loss_err <= 1e-4 and torch_err <= 5e-2 and ours_err <= max(2 * torch_err, 5e-2)
+    return (f"loss rel. err {loss_err:.1e}; worst gradient rel. err vs float64: ours {ours_err:.1e}, "
+            f"torch {torch_err:.1e}"), ours_err, ok
+
+
+def speed(torch, case, repeats, warmup):
+    """Validate, then time ours and both torch layouts interleaved. Returns a dict of results."""
+    from bench.torch_mobilenet import copy_from_tinyconv, mobilenet_v1 as torch_mobilenet
+    model = build_ours(case)
+    x, y = batch(case)
+    xts, yt = torch_inputs(torch, x, y)
+    tmodels = {}
+    for lay in xts:
+        tm = torch_mobilenet(alpha=case.alpha, resolution=case.resolution, classes=case.classes,
+                             in_channels=case.in_channels, dropout=case.dropout)
+        copy_from_tinyconv(tm, model)
+        tmodels[lay] = tm if lay == "NCHW" else tm.to(memory_format=torch.channels_last)
+    check, err, ok = validate(torch, case, model, tmodels, x, y, xts, yt)
+    fns = {"ours": ours_step(model, case, x, y)}
+    for lay, tm in tmodels.items():
+        fns[f"torch {lay}"] = torch_step(torch, tm, case, xts[lay], yt)
+    med, fastest = h.time_interleaved(fns, repeats=repeats, warmup=warmup, min_sample=0.0, best=True)
+    torch_fastest = min(v for k, v in fastest.items() if k.startswith("torch"))
+    torch_times = {k.split(" ", 1)[1]: v for k, v in med.items() if k.startswith("torch")}
+    best = min(torch_times, key=torch_times.get)
+    return dict(case=case, check=check, error=err, ok=ok, ours=med["ours"], torch=torch_times, best=best,
+                ratio=torch_times[best] / med["ours"], fastest_ratio=torch_fastest / fastest["ours"],
+                ours_fastest=fastest["ours"], model=model, x=x, y=y)
+
+
+def speed_row(r):
+    c = r["case"]
+    t = r["torch"][r["best"]]
+    return [c.name, r["check"] + ("" if r["ok"] else " FAIL"), h.fmt_ms(r["ours"]), f"{c.batch / r['ours']:.1f}",
+            h.fmt_ms(r["torch"]["NCHW"]), h.fmt_ms(r["torch"]["channels_last"]), f"{c.batch / t:.1f}",
+            h.fmt_ratio(r["ratio"]), h.fmt_ratio(r["fastest_ratio"]), "-" if c.target is None else f">= {c.target:g}x",
+            h.verdict(r["ratio"], c.target)]
+
+
+SPEED_HEADERS = ["case", "validation", "ours ms", "ours img/s", "torch NCHW ms", "torch CL ms", "torch img/s",
+                 "torch/ours", "fastest torch/ours", "target", ""]
+
+
+# --- per-layer profile from hooks -------------------------------------------------------------------------------
+
+def profile(model, case, x, y, steps):
+    """Time per (phase, layer) of the median of ``steps`` training steps (by step time), from hooks, and its time."""
+    step = ours_step(model, case, x, y)
+    step()
+    per_step = []
+    current = {}
+    started = {}
+
+    def hook(phase, layer, event):
+        now = time.perf_counter()
+        if event == "start":
+            started[(phase, layer.name)] = now
+        else:
+            key = (phase, layer.name)
+            current[key] = current.get(key, 0.0) + now - started[key]
+
+    remove = model.add_hook(hook)
+    totals = []
+    try:
+        for _ in range(steps):
+            current.clear()
+            t = time.perf_counter()
+            step()
+            totals.append(time.perf_counter() - t)
+            per_step.append(dict(current))
+    finally:
+        remove()
+    mid = sorted(range(steps), key=totals.__getitem__)[steps // 2]  # the median step, decomposed consistently
+    return per_step[mid], totals[mid]
+
+
+def profile_table(model, case, times, step_time):
+    """The paper's Table 2 in time: per layer type, forward and backward ms, share of the step, share of MACs."""
+    from tinyconv import counting
+    layer_counts = counting.count_layers(model)
+    macs = {}
+    for lc in layer_counts:
+        macs[lc.type] = macs.get(lc.type, 0) + lc.macs
+    total_macs = sum(macs.values())
+    types = {}
+    for layer in model.layers:
+        t = types.setdefault(layer.type_label, [0.0, 0.0, 0])
+        t[0] += times.get(("forward", layer.name), 0.0)
+        t[1] += times.get(("backward", layer.name), 0.0)
+        t[2] += 1
+    in_layers = sum(f + b for f, b, _ in types.values())
+    rows = []
+    for label, (f, b, n) in sorted(types.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):
+        m = macs.get(label, 0) * case.batch
+        rate = f"{2 * m / f / 1e9:.0f} / {4 * m / b / 1e9:.0f}" if m and f > 0 and b > 0 else "-"
+        rows.append([label, n, h.fmt_ms(f), h.fmt_ms(b), h.fmt_ms(f + b), f"{100 * (f + b) / step_time:.1f}%",
+                     f"{100 * macs.get(label, 0) / total_macs:.1f}%", rate])
+    outside = step_time - in_layers
+    rows.append(["(outside layers: loss, zero_grad, SGD step, hooks)", "-", "-", "-", h.fmt_ms(outside),
+                 f"{100 * outside / step_time:.1f}%", "0.0%", "-"])
+    rows.append(["**training step**", len(model.layers), "-", "-", h.fmt_ms(step_time), "100%", "100%",
+                 f"{6 * total_macs * case.batch / step_time / 1e9:.0f} (whole step)"])
+    return h.markdown_table(["layer type", "layers", "fwd ms", "bwd ms", "total ms", "share of time",
+                             "share of mult-adds", "GFLOP/s fwd / bwd"], rows)
+
+
+# --- separable blocks against standard convs --------------------------------------------------------------------
+
+def blocks(model, case, repeats, warmup):
+    """Each distinct separable block: measured time ratio to a standard 3x3 conv, next to 1/N + 1/D_K^2."""
+    from tinyconv import Conv2D, counting
+    shapes = {layer.name: s_in for layer, s_in, _ in model.layer_shapes()}
+    layers = {layer.name: layer for layer in model.layers}
+    rng = np.random.default_rng(1)
+    groups = {}
+    for b in counting.separable_blocks(model):
+        key = (shapes[b.depthwise], b.n, b.stride)
+        groups.setdefault(key, []).append(b)
+    rows = []
+    for (s_in, n_out, stride), bs in groups.items():
+        b = bs[0]
+        dw, pw = layers[b.depthwise], layers[b.pointwise]
+        std = Conv2D(b.m, n_out, b.d_k, stride=stride, padding="same", rng=rng)
+        x = rng.standard_normal((case.batch, *s_in), dtype=np.float32)
+        dy = rng.standard_normal((case.batch, *b.d_f, n_out), dtype=np.float32)
+
+        def sep_fwd():
+            return pw.forward(dw.forward(x, True), True)
+
+        def sep_train():
+            sep_fwd()
+            dw.backward(pw.backward(dy))
+
+        def std_fwd():
+            return std.forward(x, True)
+
+        def std_train():
+            std_fwd()
+            std.backward(dy)
+
+        med = h.time_interleaved({"sep fwd": sep_fwd, "std fwd": std_fwd, "sep train": sep_train,
+                                  "std train": std_train}, repeats=repeats, warmup=warmup, min_sample=0.0)
+        dw.zero_grad()
+        pw.zero_grad()
+        theory = float(b.identity)
+        fwd_ratio = med["sep fwd"] / med["std fwd"]
+        train_ratio = med["sep train"] / med["std train"]
+        sep_flops = 2.0 * b.separable_macs * case.batch
+        std_flops = 2.0 * b.standard_macs * case.batch
+        names = [x.depthwise.replace("conv_dw_", "") for x in bs]
+        rows.append([", ".join(names), f"{s_in[0]}x{s_in[1]}x{b.m}->{n_out} s{stride[0]}",
+                     f"{theory:.4f}", f"{fwd_ratio:.3f}", f"{train_ratio:.3f}",
+                     f"{1 / theory:.1f}x", f"{1 / fwd_ratio:.1f}x / {1 / train_ratio:.1f}x",
+                     f"{sep_flops / med['sep fwd'] / 1e9:.0f}", f"{std_flops / med['std fwd'] / 1e9:.0f}",
+                     h.fmt_ms(med["sep fwd"]), h.fmt_ms(med["std fwd"]), h.fmt_ms(med["sep train"]),
+                     h.fmt_ms(med["std train"])])
+    return h.markdown_table(
+        ["block", "input -> N, stride", "MACs ratio 1/N+1/9", "time ratio fwd", "time ratio fwd+bwd",
+         "MACs saving", "time saving fwd / fwd+bwd", "sep GFLOP/s fwd", "std GFLOP/s fwd", "sep fwd ms",
+         "std fwd ms", "sep fwd+bwd ms", "std fwd+bwd ms"], rows)
+
+
+# --- subprocesses: memory, cold compile, warm start ------------------------------------------------------------
+
+def _child(args):
+    return [sys.executable, "-m", MODULE, *args]
+
+
+def _run_child(args, env=None, timeout=600):
+    res = subprocess.run(_child(args), capture_output=True, text=True, env=env, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"child {' '.join(args)} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _status_mib(field):
+    """A memory line of /proc/self/status in MiB: VmRSS (resident now) or VmHWM (resident high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_mib():
+    """This process's peak resident memory. ``ru_maxrss`` would do, except that Linux carries it over ``execve``
+    from the forking parent (a child would report the benchmark's own size); VmHWM belongs to this image alone."""
+    hwm = _status_mib("VmHWM")
+    return min(hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def memory_child(engine, case_name, layout):
+    """In a fresh process: build one engine's model and batch, then run 3 steps; print peak RSS as JSON."""
+    case = case_by_name(case_name)
+    x, y = batch(case)
+    if engine == "ours":
+        h.set_threads()
+        step = ours_step(build_ours(case), case, x, y)
+    else:
+        import torch
+        from bench.torch_mobilenet import mobilenet_v1 as torch_mobilenet
+        h.set_threads(torch)
+        tm = torch_mobilenet(alpha=case.alpha, resolution=case.resolution, classes=case.classes,
+                             in_channels=case.in_channels, dropout=case.dropout)
+        if layout == "channels_last":
+            tm = tm.to(memory_format=torch.channels_last)
+        xts, yt = torch_inputs(torch, x, y)
+        step = torch_step(torch, tm, case, xts[layout], yt)
+    before = _status_mib("VmRSS")
+    for _ in range(3):
+        step()
+    print(json.dumps(dict(before=before, peak=_peak_mib())))
+
+
+def memory(case, layout):
+    """(ours, torch) dicts {before, peak} in MiB, each engine measured in its own subprocess."""
+    return tuple(_run_child(["--child", "memory", engine, case.name, layout]) for engine in ("ours", "torch"))
+
+
+def _public_kernel_calls():
+    """(name, zero-argument call) for every public kernel function, on tiny float32 inputs."""
+    from kernels import activation as a, batchnorm as bn, conv, depthwise as dw, dropout as dr, linear as li
+    from kernels import loss, pointwise as pw, pool
+    f = np.float32
+    x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(f)
+    w3, wd, wp = np.ones((3, 3, 3, 4), f), np.ones((3, 3, 3, 1), f), np.ones((3, 4), f)
+    c = np.ones(3, f)
+    y2 = np.ones((2, 3, 3, 4), f)
+    yd = np.ones((2, 6, 6, 3), f)
+    y4 = np.ones((2, 6, 6, 4), f)
+    _, x_hat, inv_std = bn.batchnorm_forward_train(x, c, c, c.copy(), c.copy())
+    _, argmax = pool.maxpool_forward(x, kernel_size=2)
+    _, mask = dr.dropout_forward(x, rate=0.5, rng=np.random.default_rng(0))
+    logits, labels = np.ones((2, 3), f), np.array([0, 2])
+    _, probs = loss.softmax_cross_entropy_forward(logits, labels)
+    v = np.ones((2, 3), f)
+    return [
+        ("conv2d_forward", lambda: conv.conv2d_forward(x, w3, stride=2, padding="same")),
+        ("conv2d_backward_input", lambda: conv.conv2d_backward_input(y2, w3, x.shape, stride=2, padding="same")),
+        ("conv2d_backward_weight", lambda: conv.conv2d_backward_weight(y2, x, w3.shape, stride=2,
+                                                                       padding="same")),
+        ("conv2d_backward_bias", lambda: conv.conv2d_backward_bias(y2)),
+        ("depthwise_forward", lambda: dw.depthwise_forward(x, wd, padding="same")),
+        ("depthwise_backward_input", lambda: dw.depthwise_backward_input(yd, wd, x.shape, padding="same")),
+        ("depthwise_backward_weight", lambda: dw.depthwise_backward_weight(yd, x, wd.shape, padding="same")),
+        ("pointwise_forward", lambda: pw.pointwise_forward(x, wp)),
+        ("pointwise_backward_input", lambda: pw.pointwise_backward_input(y4, wp)),
+        ("pointwise_backward_weight", lambda: pw.pointwise_backward_weight(y4, x)),
+        ("pointwise_backward_bias", lambda: pw.pointwise_backward_bias(y4)),
+        ("batchnorm_forward_train", lambda: bn.batchnorm_forward_train(x, c, c, c.copy(), c.copy())),
+        ("batchnorm_forward_eval", lambda: bn.batchnorm_forward_eval(x, c, c, c, c)),
+        ("batchnorm_backward", lambda: bn.batchnorm_backward(x, x_hat, inv_std, c)),
+        ("relu_forward", lambda: a.relu_forward(x)),
+        ("relu_backward", lambda: a.relu_backward(x, x)),
+        ("relu6_forward", lambda: a.relu6_forward(x)),
+        ("relu6_backward", lambda: a.relu6_backward(x, x)),
+        ("maxpool_forward", lambda: pool.maxpool_forward(x, kernel_size=2)),
+        ("maxpool_backward", lambda: pool.maxpool_backward(np.ones((2, 3, 3, 3), f), argmax, x.shape)),
+        ("avgpool_forward", lambda: pool.avgpool_forward(x, kernel_size=2)),
+        ("avgpool_backward", lambda: pool.avgpool_backward(np.ones((2, 3, 3, 3), f), x.shape, kernel_size=2)),
+        ("global_avgpool_forward", lambda: pool.global_avgpool_forward(x)),
+        ("global_avgpool_backward", lambda: pool.global_avgpool_backward(v, x.shape)),
+        ("dropout_forward", lambda: dr.dropout_forward(x, rate=0.5, rng=np.random.default_rng(0))),
+        ("dropout_backward", lambda: dr.dropout_backward(x, mask)),
+        ("linear_forward", lambda: li.linear_forward(v, np.ones((3, 4), f), np.ones(4, f))),
+        ("linear_backward_input", lambda: li.linear_backward_input(np.ones((2, 4), f), np.ones((3, 4), f))),
+        ("linear_backward_weight", lambda: li.linear_backward_weight(np.ones((2, 4), f), v)),
+        ("linear_backward_bias", lambda: li.linear_backward_bias(np.ones((2, 4), f))),
+        ("softmax_cross_entropy_forward", lambda: loss.softmax_cross_entropy_forward(logits, labels)),
+        ("softmax_cross_entropy_backward", lambda: loss.softmax_cross_entropy_backward(probs, labels)),
+    ]
+
+
+def _kernel_modules():
+    import importlib
+    import pkgutil
+    import kernels
+    return [importlib.import_module(f"kernels.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)
+            if not m.name.startswith("_") and m.name != "geometry"]
+
+
+def cold_child():
+    """First call of every public kernel in float32 with an empty cache; print per-call seconds as JSON.
+
+    Calls that set up another call's inputs (batch norm's and max pool's forward, dropout's mask, the loss's
+    probabilities) run first, untimed individually but inside the total.
+    """
+    import numba
+    start = time.perf_counter()
+    calls = _public_kernel_calls()
+    setup = time.perf_counter() - start
+    times = {}
+    for name, call in calls:
+        t = time.perf_counter()
+        call()
+        times[name] = time.perf_counter() - t
+    total = time.perf_counter() - start
+    public, dispatchers, compiled = set(), 0, 0
+    for mod in _kernel_modules():
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.__module__ == mod.__name__:
+                dispatchers += 1
+                compiled += bool(obj.signatures)
+            elif callable(obj) and not attr.startswith("_") and getattr(obj, "__module__", "") == mod.__name__ \
+                    and not isinstance(obj, type):
+                public.add(attr)
+    print(json.dumps(dict(total=total, setup=setup, times=times, dispatchers=dispatchers, compiled=compiled,
+                          missed=sorted(public - set(times)))))
+
+
+def cold_compile():
+    """Run :func:`cold_child` with NUMBA_CACHE_DIR in an empty temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="tinyconv-numba-cold-") as cache:
+        return _run_child(["--child", "cold"], env={**os.environ, "NUMBA_CACHE_DIR": cache})
+
+
+def warm_child():
+    """Report seconds since the parent's launch time at each milestone up to the end of the second step."""
+    t0 = float(os.environ["BENCH_T0"])
+    marks = {"interpreter + numpy": time.time() - t0}
+    import models  # noqa: F401  (imports tinyconv and numba)
+    from tinyconv.threads import set_threads
+    set_threads(h.THREADS)
+    marks["imports (tinyconv, numba)"] = time.time() - t0
+    case = WARM_START_CASE
+    step = ours_step(build_ours(case), case, *batch(case))
+    marks["model built"] = time.time() - t0
+    step()
+    marks["first training step done"] = time.time() - t0
+    t = time.time()
+    step()
+    marks["(a second step takes)"] = time.time() - t
+    print(json.dumps(marks))
+
+
+def warm_start():
+    """Time from launching a process to the end of its first training step, kernels cached on disk."""
+    _run_child(["--child", "warm"], env={**os.environ, "BENCH_T0": str(time.time())})  # make sure the cache is hot
+    return _run_child(["--child", "warm"], env={**os.environ, "BENCH_T0": str(time.time())})
+
+
+# --- main --------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = h.parser(MODULE, "End-to-end MobileNet speed, memory, profile and JIT against PyTorch.", DEFAULT_OUT,
+                 DEFAULT_REPEATS)
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        kind, *rest = args.child
+        {"memory": memory_child, "cold": cold_child, "warm": warm_child}[kind](*rest)
+        return 0
+    import torch
+    h.set_threads(torch)
+    repeats = args.repeats or (3 if args.quick else DEFAULT_REPEATS)
+    warmup = 1 if args.quick else 2
+    cases = [c for c in (QUICK_CASES if args.quick else CASES) if h.selected(c.name, args.case)]
+    if not cases:
+        print(f"no case matches --case {' '.join(args.case)}; cases: {[c.name for c in CASES]}", file=sys.stderr)
+        return 2
+    header = h.machine_header(torch)
+    header.append(f"Both engines {h.THREADS} threads; medians of {repeats} interleaved repeats (ours, torch NCHW, "
+                  f"torch channels_last) after {warmup} warm-up steps; float32; SGD lr {LR} momentum {MOMENTUM}")
+    for line in header:
+        print(line, flush=True)
+    start = time.perf_counter()
+    cpu = h.CpuShare()
+    sections, headline = [], []
+
+    results = []
+    print("\n" + " | ".join(SPEED_HEADERS))
+    for case in cases:
+        r = speed(torch, case, repeats, warmup)
+        results.append(r)
+        print(" | ".join(speed_row(r)), flush=True)
+        if case.target is not None:
+            headline.append([f"{case.name} img/s", f"{case.batch / r['ours']:.1f}",
+                             f"{case.batch / r['torch'][r['best']]:.1f} ({r['best']})",
+                             f"{h.fmt_ratio(r['ratio'])} (fastest {h.fmt_ratio(r['fastest_ratio'])})",
+                             f">= {case.target:g}x", h.verdict(r["ratio"], case.target)])
+    sections.append("## Speed: images/s, ours against PyTorch on identical weights\n\n"
+                    "*torch/ours* > 1 means ours is faster (ratio of PyTorch's best layout's median time to ours); "
+                    "*fastest torch/ours*: the same for each side's fastest sample, what each engine does when "
+                    "the shared machine leaves it alone (the medians are the figures of record); "
+                    "validation at each case's shape before timing.\n\n"
+                    + h.markdown_table(SPEED_HEADERS, [speed_row(r) for r in results]))
+
+    mem_rows = []
+    for r in results:
+        ours_m, torch_m = memory(r["case"], r["best"])
+        ours_step_m, torch_step_m = ours_m["peak"] - ours_m["before"], torch_m["peak"] - torch_m["before"]
+        mem_rows.append([r["case"].name, f"{ours_m['peak']:.0f}", f"{ours_step_m:.0f}",
+                         f"{torch_m['peak']:.0f} ({r['best']})", f"{torch_step_m:.0f}",
+                         h.fmt_ratio(torch_step_m / ours_step_m if ours_step_m > 0 else None)])
+        print(f"memory {r['case'].name}: ours peak {ours_m['peak']:.0f} MiB (+{ours_step_m:.0f} for the steps), "
+              f"torch {torch_m['peak']:.0f} MiB (+{torch_step_m:.0f})", flush=True)
+        if r["case"].mode == "train":
+            headline.append([f"{r['case'].name} peak memory of the steps (MiB)", f"{ours_step_m:.0f}",
+                             f"{torch_step_m:.0f}", h.fmt_ratio(torch_step_m / ours_step_m),
+                             "ours <= torch", "met" if ours_step_m <= torch_step_m else "MISSED"])
+    sections.append("## Peak memory (MiB), each engine alone in a fresh process\n\n"
+                    "Method: the kernel's resident high-water mark (VmHWM in /proc/self/status, the figure "
+                    "`ru_maxrss` reports, but without the forking parent's size that `ru_maxrss` inherits across "
+                    "`execve`) after 3 steps: the process peak (the torch process also has tinyconv and numba "
+                    "imported, as it builds from the same table), and that "
+                    "peak minus the resident size just before the first step (model, optimizer state and batch "
+                    "already allocated): the memory the steps add. With the benchmark's malloc settings freed "
+                    "memory stays mapped, so the peak is the allocator's high-water mark.\n\n"
+                    + h.markdown_table(["case", "ours peak", "ours steps", "torch peak", "torch steps",
+                                        "torch/ours (steps)"], mem_rows))
+
+    steps = 3 if args.quick else 5
+    for r in results:
+        case = r["case"]
+        if case.mode != "train":
+            continue
+        times, step_time = profile(r["model"], case, r["x"], r["y"], steps)
+        table = profile_table(r["model"], case, times, step_time)
+        sections.append(f"## Where the time goes: {case.name} (hooks; the median of {steps} steps)\n\n{table}")
+        print(f"\nprofile {case.name}\n{table}", flush=True)
+
+    main_case = next((r for r in results if r["case"].mode == "train"), results[0])
+    table = blocks(main_case["model"], main_case["case"], 3, 1)
+    sections.append(f"## Depthwise-separable blocks against standard 3x3 convs: {main_case['case'].name}\n\n"
+                    "Conv layers only (BN and ReLU excluded on both sides, as in the mult-add count); time ratio = "
+                    "separable / standard, to compare with the mult-add ratio 1/N + 1/D_K^2. Identical blocks "
+                    "are measured once.\n\n" + table)
+    print(f"\nblocks\n{table}", flush=True)
+
+    jit_lines = []
+    if args.quick:
+        jit_lines.append("Cold compile: skipped (--quick)")
+    else:
+        cold = cold_compile()
+        slowest = sorted(cold["times"].items(), key=lambda kv: -kv[1])[:5]
+        jit_lines.append(f"Cold compile (empty NUMBA_CACHE_DIR, first float32 call of {len(cold['times'])} public "
+                         f"kernels, {cold['compiled']}/{cold['dispatchers']} jitted functions compiled): "
+                         f"{cold['total']:.1f} s; slowest: "
+                         + ", ".join(f"{n} {s:.1f} s" for n, s in slowest)
+                         + (f"; not exercised: {', '.join(cold['missed'])}" if cold["missed"] else ""))
+        headline.append(["cold compile of every kernel (s)", f"{cold['total']:.1f}", "-", "-", "< 45 s",
+                         "met" if cold["total"] < 45 else "MISSED"])
+    warm = warm_start()
+    first = warm["first training step done"]
+    jit_lines.append(f"Warm start ({WARM_START_CASE.name}, cache populated): process launch to first training "
+                     f"step done {first:.2f} s (" + ", ".join(f"{k} {v:.2f} s" for k, v in warm.items()) + ")")
+    headline.append(["warm start to first training step (s)", f"{first:.2f}", "-", "-", "< 2 s",
+                     "met" if first < 2 else "MISSED"])
+    for line in jit_lines:
+        print(line, flush=True)
+    sections.append("## JIT\n\n" + "\n\n".join(jit_lines))
+
+    elapsed = time.perf_counter() - start
+    cpu_line = cpu.line()
+    print(cpu_line)
+    head = h.markdown_table(["target", "ours", "torch", "torch/ours (medians)", "target", ""], headline)
+    print("\n" + head)
+    h.write_results(args.out, "Model benchmarks: MobileNet v1, tinyconv against PyTorch CPU", MODULE,
+                    header + [f"Total run time {elapsed:.0f} s", cpu_line],
+                    ["## Headline (ratios in this one run; medians)\n\n" + head, *sections])
+    print(f"\nwrote {args.out} ({elapsed:.0f} s)")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Smoke tests of the speed benchmarks: they import, and their pure helpers and validations work on tiny shapes.
+
+No timing is asserted anywhere (timing lives in ``bench/``); the benchmark environment (re-exec with allocator
+and OpenBLAS settings) is never applied here, only computed.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bench import _harness as h  # noqa: E402
+from bench import kernels as bk  # noqa: E402
+from bench import model as bm  # noqa: E402
+from bench import torch_mobilenet as tmn  # noqa: E402
+import models  # noqa: E402
+
+TINY = bk.Workload("tiny", 0.25, 32, 2, 3, 5, 0.1, 0.1)
+
+
+def test_benchmark_env_sets_allocator_drops_openblas_and_leaves_input_alone():
+    environ = {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "512", "PATH": "/bin"}
+    env = h.benchmark_env(environ)
+    assert "OPENBLAS_CORETYPE" not in env and "OPENBLAS_L2_SIZE" not in env
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "1073741824" and env["MALLOC_TRIM_THRESHOLD_"] == "4294967296"
+    assert env[h.ENV_MARKER] == "1" and env["PATH"] == "/bin"
+    assert environ == {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "512", "PATH": "/bin"}
+
+
+def test_selected_needs_every_filter():
+    assert h.selected("mobilenet depthwise forward", [])
+    assert h.selected("mobilenet depthwise forward", ["Depthwise", "forw"])
+    assert not h.selected("mobilenet depthwise forward", ["depthwise", "backward"])
+
+
+def test_rel_error_and_tables():
+    assert h.rel_error(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
+    assert h.rel_error(np.array([1.0, 2.1]), np.array([1.0, 2.0])) == pytest.approx(0.05)
+    assert h.rel_error(np.zeros(3), np.zeros(3)) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        h.rel_error(np.zeros(2), np.zeros(3))
+    table = h.markdown_table(["name", "ms"], [["a", "1.5"], ["bb", "12"]])
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[1].endswith("-:|")
+    assert h.verdict(1.6, 1.5) == "met" and h.verdict(1.4, 1.5) == "MISSED" and h.verdict(1.0, None) == "-"
+
+
+def test_time_interleaved_runs_every_contender():
+    calls = {"a": 0, "b": 0}
+
+    def make(k):
+        def fn():
+            calls[k] += 1
+        return fn
+
+    med = h.time_interleaved({"a": make("a"), "b": make("b")}, repeats=2, warmup=1, min_sample=0.0)
+    assert set(med) == {"a", "b"} and all(v >= 0 for v in med.values())
+    assert calls["a"] >= 4 and calls["b"] >= 4  # warm-up, calibration and two samples
+
+
+def test_same_conv_pads_like_tensorflow():
+    even = tmn.SameConv2d(3, 4, 3, stride=2, in_size=8)
+    assert even.pad == (0, 1, 0, 1) and even.padding == (0, 0)
+    odd = tmn.SameConv2d(3, 4, 3, stride=2, in_size=7)
+    assert odd.pad is None and odd.padding == (1, 1)
+    with pytest.raises(ValueError, match="built for 8x8"):
+        even(torch.zeros(1, 3, 7, 7))
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=0.25, resolution=32, classes=5),
+                                dict(alpha=0.25, resolution=33, classes=3, in_channels=1, activation="relu6")])
+def test_torch_mobilenet_matches_tinyconv_on_copied_weights(kw):
+    model = models.mobilenet_v1(**kw)
+    tm = tmn.copy_from_tinyconv(tmn.mobilenet_v1(**kw), model).eval()
+    x = np.random.default_rng(0).standard_normal((2, kw["resolution"], kw["resolution"],
+                                                  kw.get("in_channels", 3))).astype(np.float32)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+    assert h.rel_error(model.forward(x), ref) < 1e-4
+    assert sum(p.numel() for p in tm.parameters()) == model.param_count()
+
+
+def test_kernel_ops_validate_on_a_tiny_workload():
+    ops = bk.build_ops(torch, TINY)
+    families = {op.family for op in ops}
+    assert {"conv", "depthwise", "pointwise", "global avgpool", "dropout", "linear", "softmax cross-entropy"} \
+        <= families
+    assert "batchnorm+relu" in families or {"batchnorm", "relu"} <= families  # fused BN+ReLU layers or not
+    for op in ops:
+        assert bk.validate(op) <= op.tol, op.label
+    assert all(op.gemm is not None for op in ops if op.family == "pointwise")
+
+
+def test_model_validation_profile_and_blocks_on_a_tiny_case():
+    case = bm.Case("train", 0.25, 64, 8, 3, 5, 0.1, 1.5)  # BN over >= 32 values: float32 well conditioned
+    r = bm.speed(torch, case, repeats=1, warmup=0)
+    assert r["ok"], r["check"]
+    assert set(r["torch"]) == {"NCHW", "channels_last"}
+    times, step = bm.profile(r["model"], case, r["x"], r["y"], steps=1)
+    table = bm.profile_table(r["model"], case, times, step)
+    assert "Conv DW 3x3" in table and "Conv 1x1" in table
+    assert "0.1424" in bm.blocks(r["model"], case, repeats=1, warmup=0)  # block 1: 1/16 + 1/9 at alpha 0.25
+    infer = bm.speed(torch, case._replace(mode="infer"), repeats=1, warmup=0)
+    assert infer["ok"], infer["check"]
+
+
+def test_case_names_are_unique_and_found():
+    assert len({c.name for c in bm.CASES}) == len(bm.CASES)
+    for c in bm.CASES:
+        assert bm.case_by_name(c.name) is c
+    with pytest.raises(ValueError, match="unknown case"):
+        bm.case_by_name("nope")
