@@ -124,6 +124,8 @@ BAD_ARGUMENTS = [
     (["--schedule", "linear"], "--schedule"), (["--label-smoothing", "1"], "--label-smoothing"),
     (["--dropout", "1.5"], "--dropout"), (["--weight-decay", "-1"], "--weight-decay"),
     (["--threads", "0"], "--threads"), (["--resume"], "--resume needs --out"), (["--frobnicate"], "unrecognized"),
+    (["--classes-subset", "9-0"], "--classes-subset"), (["--classes-subset", "a"], "--classes-subset"),
+    (["--classes-subset", "1,1"], "without repeats"), (["--dataset", "folder"], "--dataset folder needs --data-dir"),
 ]
 
 
@@ -233,3 +235,27 @@ def test_real_run_on_a_slice_then_evaluate_and_predict(tmp_path, capsys, restore
 
     assert predict_cli.main([out, str(tmp_path / "missing.png")]) == 1
     assert "missing.png: cannot read the image" in capsys.readouterr().err
+
+
+def test_cli_trains_on_an_image_folder_with_a_class_subset(tmp_path, capsys):
+    """An image folder (one subfolder per class, train/ and test/) through the command line, keeping classes 0 and 2."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for k, name in enumerate(("ankle", "bag", "coat")):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (28, 28), dtype=np.uint8)
+                pixels[k * 9:(k + 1) * 9, :] += 150  # a bright band whose position is the class
+                Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    code = train_cli.main(["--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--classes-subset", "0,2",
+                           "--model", "small", "--epochs", "1", "--batch-size", "8", "--val", "0", "--threads", "1",
+                           "--out", str(out), "--no-progress"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    saved = ckpt.load_checkpoint(out)
+    assert saved.config["data"]["classes_subset"] == [0, 2]
+    logits_kernel = [v for k, v in saved.model_state.items() if k.endswith("/kernel")][-1]
+    assert logits_kernel.shape[-1] == 2, "two classes kept, so two logits"
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["epochs"] == 1

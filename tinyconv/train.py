@@ -38,7 +38,7 @@ from tinyconv.loss import SoftmaxCrossEntropy
 from tinyconv.optim import SCHEDULES, LRSchedule, OPTIMIZERS, make_optimizer
 from tinyconv.threads import set_threads
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
 MODELS = ("mobilenet", "small")
 METRICS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
 DEFAULT_AUGMENT = Augment(crop_padding=4, pad_mode="zero", flip=True)  # torchvision's RandomCrop(32, padding=4)
@@ -301,7 +301,8 @@ def load_data(cfg, splits=("train", "val", "test")):
     """
     out = {}
     if {"train", "val"} & set(splits):
-        train = load_dataset(cfg["dataset"], split="train", data_dir=cfg.get("data_dir"))
+        train = load_dataset(cfg["dataset"], split="train", data_dir=cfg.get("data_dir"),
+                             classes_subset=cfg.get("classes_subset"))
         if cfg.get("limit_train"):
             train = _head(train, cfg["limit_train"])
         cfg["image_size"] = list(train.images.shape[1:3])
@@ -312,7 +313,8 @@ def load_data(cfg, splits=("train", "val", "test")):
             train, val = split_holdout(train, cfg["val"], seed=cfg.get("seed", 0))
         out.update(train=train, val=val)
     if "test" in splits:
-        test = load_dataset(cfg["dataset"], split="test", data_dir=cfg.get("data_dir"))
+        test = load_dataset(cfg["dataset"], split="test", data_dir=cfg.get("data_dir"),
+                            classes_subset=cfg.get("classes_subset"))
         if cfg.get("limit_test"):
             test = _head(test, cfg["limit_test"])
         cfg["image_size"] = list(test.images.shape[1:3])
@@ -385,6 +387,24 @@ resolution = _number(int, lambda v: v >= 32, "an integer >= 32")
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def class_list(text):
+    """Parse ``0-9`` or ``0,3,5`` or ``0-4,7`` into a list of distinct class indices, in the order given."""
+    what = "class indices like 0-9 or 0,3,5"
+    classes = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if sep else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+            classes.extend(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if len(set(classes)) != len(classes):
+        raise argparse.ArgumentTypeError(f"expected {what} without repeats, got {text!r}")
+    return classes
+
+
 def make_parser():
     p = ArgumentParser(prog="python -m tinyconv.train",
                        description="Train MobileNet v1 with tinyconv. The defaults are the README's default run.",
@@ -393,6 +413,8 @@ def make_parser():
     g.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="dataset to train on")
     g.add_argument("--data-dir", default=None, help="folder holding the dataset (default: $TINYCONV_DATA, then "
                                                     "/usr/share/datasets/<dataset>)")
+    g.add_argument("--classes-subset", type=class_list, default=None,
+                   help="train on these classes only, relabelled 0..k-1 (e.g. 0-9: the first ten of CIFAR-100)")
     g.add_argument("--val", type=nonnegative_int, default=5000,
                    help="training images held out (seeded) for validation; 0 trains on all")
     g.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
@@ -441,7 +463,7 @@ def run_description(args):
     if args.model == "mobilenet":
         model.update(alpha=args.alpha, shallow=args.shallow, full_conv=args.full_conv)
     data = dict(dataset=args.dataset, data_dir=args.data_dir, res=args.res, val=args.val, seed=args.seed,
-                limit_train=args.limit_train, limit_test=args.limit_test)
+                limit_train=args.limit_train, limit_test=args.limit_test, classes_subset=args.classes_subset)
     train = dict(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                  momentum=args.momentum, nesterov=args.nesterov, schedule=args.schedule, warmup_epochs=args.warmup,
                  weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
@@ -453,6 +475,9 @@ def main(argv=None):
     """``python -m tinyconv.train``: train, checkpoint every epoch, report test accuracy. Returns the exit code."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.dataset == "folder" and not args.data_dir:
+        parser.error("--dataset folder needs --data-dir DIR (one subfolder per class; DIR/train and DIR/test if "
+                     "the test images are kept apart)")
     started = time.perf_counter()
     if args.resume:
         if not args.out:
