@@ -13,19 +13,34 @@ Only the benchmark process changes; tests and CI keep the machine's environment.
 Timing. :func:`time_interleaved` warms every contender up, then runs the repeats round-robin (ours, torch, ours,
 torch...) so a burst of noise on this shared machine hits all of them, and reports medians. A call shorter than
 ``min_sample`` is repeated inside one sample, so clock resolution and Python overhead do not dominate.
+
+Processes. Each engine runs in a persistent :class:`Worker` process of its own, started with the benchmark
+environment and its own thread setting: tinyconv's worker never imports torch (an import there raises), PyTorch's
+never launches a Numba kernel. In one process the two engines' OpenMP runtimes (PyTorch's bundled libgomp and
+Numba's) and OpenBLAS's threads fight over the 2 cores, each runtime's idle workers spinning or waking late: a
+MobileNet 0.5/32/b128 training step of ours took 28-33 ms alone in its process and 346-368 ms after torch had run
+in the same one. The parent imports neither torch nor a kernel; it sends commands over a pipe (pickled
+``(function, args)``, answered with the result), sets up the same case in every worker, collects their outputs to
+validate, and times with :class:`Remote` contenders: each sample is measured inside its worker, one worker at a
+time, round-robin.
 """
 import argparse
+import importlib
 import os
+import pickle
 import platform
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 
 ENV_MARKER = "TINYCONV_BENCH_ENV"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 OPENBLAS_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 THREADS = 2
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENGINES = ("tinyconv", "torch")
 
 
 def benchmark_env(environ):
@@ -109,22 +124,63 @@ def blas_description():
     return "; ".join(rows) or "unknown"
 
 
-def machine_header(torch=None):
-    """Lines describing the machine, libraries, threads and environment of this run."""
-    import numba
-    import numpy as np
-    lines = [f"CPU: {_cpu_model()}, {os.cpu_count()} cores ({_cpu_flags()}); Python {platform.python_version()}",
-             f"NumPy {np.__version__}; BLAS: {blas_description()}",
-             f"Numba {numba.__version__}: {numba.get_num_threads()} threads, threading layer "
-             f"{_numba_layer()}; fastmath {os.environ.get('TINYCONV_FASTMATH', '0') == '1'}"]
-    if torch is not None:
-        lines.append(f"PyTorch {torch.__version__}: {torch.get_num_threads()} threads, CPU capability "
-                     f"{torch.backends.cpu.get_cpu_capability()}, mkldnn {torch.backends.mkldnn.is_available()}")
-    lines.append(f"Environment: {environment_line()}")
-    lines.append(f"Load average at start (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in os.getloadavg())} "
+def machine_header(workers=(), load_at_start=None):
+    """Lines describing the machine, libraries, threads and environment of this run.
+
+    Args:
+        workers: the run's :class:`Worker` processes; each describes its own engine, threads and environment.
+        load_at_start: ``os.getloadavg()`` taken when the run started (default: now).
+    """
+    load = os.getloadavg() if load_at_start is None else load_at_start
+    lines = [f"CPU: {_cpu_model()}, {os.cpu_count()} cores ({_cpu_flags()}); Python {platform.python_version()}"]
+    for w in workers:
+        lines += w.call("bench._harness:engine_info")
+    if workers:
+        lines.append("Processes: " + ", ".join(f"{w.engine} in worker pid {w.pid}" for w in workers)
+                     + "; the parent only sends commands, compares outputs and writes the tables "
+                       "(it imports neither torch nor a kernel)")
+    else:
+        lines.append(f"Environment: {environment_line()}")
+    lines.append(f"Load average at start (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in load)} "
                  f"on {os.cpu_count()} cores (the machine is shared: other work runs beside the benchmark)")
     lines.append(f"Tree: git {_git_revision()}")
     return lines
+
+
+def engine_info():
+    """In a worker: lines naming this process's engine, libraries, threads and environment."""
+    import numpy as np
+    lines = []
+    if _ENGINE == "tinyconv":
+        import numba
+        lines.append(f"tinyconv worker: NumPy {np.__version__}; BLAS: {blas_description()}; Numba "
+                     f"{numba.__version__}: {numba.get_num_threads()} threads, threading layer {_numba_layer()}; "
+                     f"fastmath {os.environ.get('TINYCONV_FASTMATH', '0') == '1'}; OMP_WAIT_POLICY "
+                     f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; torch imported: {imported('torch')}")
+    if _ENGINE == "torch":
+        import torch
+        lines.append(f"torch worker: PyTorch {torch.__version__}: {torch.get_num_threads()} threads, CPU "
+                     f"capability {torch.backends.cpu.get_cpu_capability()}, mkldnn "
+                     f"{torch.backends.mkldnn.is_available()}; Numba kernels run: {_numba_ran()}")
+    lines.append(f"Environment ({_ENGINE or 'this process'}): {environment_line()}")
+    return lines
+
+
+def imported(name):
+    """True if module ``name`` is imported in this process (a blocked import does not count)."""
+    return sys.modules.get(name) is not None
+
+
+def _numba_ran():
+    """Whether this process has launched a Numba parallel kernel (its OpenMP runtime then exists)."""
+    if not imported("numba"):
+        return False
+    import numba
+    try:
+        numba.threading_layer()
+        return True
+    except ValueError:
+        return False
 
 
 def _numba_layer():
@@ -138,17 +194,18 @@ def _numba_layer():
 class CpuShare:
     """How much of the machine's CPU other processes took while a benchmark ran.
 
-    Reads the busy time of all cores from /proc/stat and this process's own CPU time (children included, so the
-    benchmark's subprocesses count as its own) at construction and at :meth:`line`. On a 2-core machine every
-    competing runnable thread preempts one of the 2 worker threads, and a parallel region then waits a scheduler
-    time slice at its barrier: timings of both engines degrade far more than the share suggests.
+    Reads the busy time of all cores from /proc/stat and the CPU time of this process, its finished children
+    (the memory and JIT subprocesses) and its worker processes (``pids``, read from /proc/<pid>/stat since they
+    have not exited yet) at construction and at :meth:`line`. On a 2-core machine every competing runnable thread
+    preempts one of the 2 worker threads, and a parallel region then waits a scheduler time slice at its barrier:
+    timings of both engines degrade far more than the share suggests.
     """
 
-    def __init__(self):
+    def __init__(self, pids=()):
+        self.pids = tuple(pids)
         self.start = self._sample()
 
-    @staticmethod
-    def _sample():
+    def _sample(self):
         try:
             with open("/proc/stat") as f:
                 fields = [int(v) for v in f.readline().split()[1:]]
@@ -157,7 +214,15 @@ class CpuShare:
         tick = os.sysconf("SC_CLK_TCK")
         busy = (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)) / tick  # all but idle, iowait
         t = os.times()
-        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+        own = t.user + t.system + t.children_user + t.children_system
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()  # fields from 3 (state) on
+                own += sum(int(v) for v in rest[11:15]) / tick  # utime, stime, cutime, cstime
+            except (OSError, ValueError, IndexError):
+                pass
+        return time.monotonic(), busy, own
 
     def line(self):
         end = self._sample()
@@ -172,11 +237,196 @@ class CpuShare:
 
 
 def set_threads(torch=None, n=THREADS):
-    """Give both engines ``n`` threads: Numba and NumPy's BLAS (tinyconv's switch) and PyTorch's intra-op pool."""
-    from tinyconv.threads import set_threads as tc_set_threads
-    tc_set_threads(n)
+    """Give an engine ``n`` threads: Numba and NumPy's BLAS (tinyconv's switch), or PyTorch's intra-op pool."""
     if torch is not None:
         torch.set_num_threads(n)
+        return
+    from tinyconv.threads import set_threads as tc_set_threads
+    tc_set_threads(n)
+
+
+# --- worker processes -------------------------------------------------------------------------------------------
+
+_ENGINE = None
+_TIMED = {}  # in a worker: key -> zero-argument callable that the parent times through Remote
+
+
+class WorkerError(RuntimeError):
+    """A command failed inside a worker (the message carries the worker's traceback)."""
+
+
+def _target_name(fn):
+    """'module:qualname' of a module-level function; ``__main__`` is replaced by the module run with ``-m``."""
+    if isinstance(fn, str):
+        return fn
+    mod = fn.__module__
+    if mod == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None:
+            raise ValueError(f"{fn.__qualname__} lives in a script; workers import functions by module name")
+        mod = spec.name
+    return f"{mod}:{fn.__qualname__}"
+
+
+def _resolve(name):
+    mod, _, qual = name.partition(":")
+    obj = importlib.import_module(mod)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Worker:
+    """A persistent process running one engine, driven over a pipe.
+
+    ``Worker('tinyconv')`` sets Numba's and BLAS's threads and makes ``import torch`` fail in that process;
+    ``Worker('torch')`` imports torch and sets its intra-op threads. Both start with :func:`benchmark_env` (so a
+    test starting one gets the benchmark's allocator and OpenBLAS settings too) from the repository root.
+    :meth:`call` runs a module-level function there and returns its (pickled) result; an exception there is
+    raised here as :class:`WorkerError`. Use as a context manager, or :meth:`close`.
+    """
+
+    def __init__(self, engine, threads=THREADS):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = engine
+        code = f"from bench._harness import _worker_main; _worker_main({engine!r}, {int(threads)})"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=benchmark_env(os.environ), cwd=REPO)
+        self.pid = self._proc.pid
+        self.call("bench._harness:imported", "numpy")  # wait until it is up (imports and threads done)
+
+    def call(self, fn, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` in the worker; ``fn`` a module-level function or 'module:qualname'."""
+        if self._proc is None:
+            raise WorkerError(f"{self.engine} worker is closed")
+        name = _target_name(fn)
+        try:
+            pickle.dump((name, args, kwargs), self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._proc.stdin.flush()
+            status, value = pickle.load(self._proc.stdout)
+        except (EOFError, BrokenPipeError, pickle.UnpicklingError) as e:
+            code = self._proc.poll()
+            raise WorkerError(f"{self.engine} worker (pid {self.pid}) died during {name} (exit code {code}; its "
+                              f"stderr is this process's)") from e
+        if status == "error":
+            raise WorkerError(f"{self.engine} worker: {name} failed:\n{value}")
+        return value
+
+    def close(self):
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        try:
+            pickle.dump(None, proc.stdin)
+            proc.stdin.close()
+            proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_proc", None) is not None:
+            self.close()
+
+
+def _worker_main(engine, threads):
+    """A worker's loop: read ``(function, args, kwargs)``, answer ``('ok', result)`` or ``('error', traceback)``.
+
+    The protocol owns the original stdout; anything the engines print goes to stderr instead.
+    """
+    global _ENGINE
+    _ENGINE = engine
+    reply = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    requests = sys.stdin.buffer
+    if engine == "tinyconv":
+        sys.modules["torch"] = None  # 'import torch' raises ImportError in this process
+        set_threads(None, threads)
+    else:
+        import torch
+        set_threads(torch, threads)
+    while True:
+        try:
+            msg = pickle.load(requests)
+        except EOFError:
+            break
+        if msg is None:
+            break
+        name, args, kwargs = msg
+        try:
+            out = ("ok", _resolve(name)(*args, **kwargs))
+        except BaseException:  # noqa: B902  (reported to the parent, the worker lives on)
+            out = ("error", traceback.format_exc())
+        try:
+            pickle.dump(out, reply, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an unpicklable result
+            pickle.dump(("error", traceback.format_exc()), reply, protocol=pickle.HIGHEST_PROTOCOL)
+        reply.flush()
+
+
+def register(key, fn):
+    """In a worker: make ``fn`` timeable by the parent as ``Remote(worker, key)``."""
+    _TIMED[key] = fn
+
+
+def clear_registered():
+    """In a worker: forget every registered callable (and what it holds)."""
+    _TIMED.clear()
+
+
+def _prepare(key, warmup, min_sample):
+    fn = _TIMED[key]
+    for _ in range(warmup):
+        fn()
+    return _calibrate(fn, min_sample)
+
+
+def _sample(key, n):
+    fn = _TIMED[key]
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+class Local:
+    """A contender running in this process (what :func:`time_interleaved` makes of a plain callable)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def prepare(self, warmup, min_sample):
+        for _ in range(warmup):
+            self.fn()
+        return _calibrate(self.fn, min_sample)
+
+    def sample(self, n):
+        t = time.perf_counter()
+        for _ in range(n):
+            self.fn()
+        return (time.perf_counter() - t) / n
+
+
+class Remote:
+    """A contender registered as ``key`` in a worker: warm-up, calibration and every sample run there, and the
+    clock is read there, so the pipe's round trip is never timed."""
+
+    def __init__(self, worker, key):
+        self.worker, self.key = worker, key
+
+    def prepare(self, warmup, min_sample):
+        return self.worker.call("bench._harness:_prepare", self.key, warmup, min_sample)
+
+    def sample(self, n):
+        return self.worker.call("bench._harness:_sample", self.key, n)
 
 
 def _calibrate(fn, min_sample):
@@ -190,12 +440,12 @@ def _calibrate(fn, min_sample):
 
 
 def time_interleaved(fns, *, repeats, warmup=2, min_sample=2e-3, settle=0.0, best=False):
-    """Median seconds per call of each callable, with the repeats interleaved.
+    """Median seconds per call of each contender, with the repeats interleaved.
 
     Args:
-        fns: dict name -> zero-argument callable.
-        repeats: samples per callable (each sample may hold several calls, see ``min_sample``).
-        warmup: untimed calls of each callable first (compilation, caches, allocator).
+        fns: dict name -> zero-argument callable (run here) or :class:`Remote` (run in its worker).
+        repeats: samples per contender (each sample may hold several calls, see ``min_sample``).
+        warmup: untimed calls of each contender first (compilation, caches, allocator).
         min_sample: a sample lasts at least this long (calls are repeated inside it).
         settle: seconds slept before each sample, so the thread pool of the previous contender has gone idle.
         best: also return the fastest sample of each (what the machine can do when nobody else is running).
@@ -203,21 +453,14 @@ def time_interleaved(fns, *, repeats, warmup=2, min_sample=2e-3, settle=0.0, bes
     Returns:
         dict name -> median seconds per call; with ``best``, (medians, fastest samples), two such dicts.
     """
-    numbers = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        numbers[name] = _calibrate(fn, min_sample)
+    contenders = {name: fn if isinstance(fn, (Remote, Local)) else Local(fn) for name, fn in fns.items()}
+    numbers = {name: c.prepare(warmup, min_sample) for name, c in contenders.items()}
     samples = {name: [] for name in fns}
     for _ in range(max(1, repeats)):
-        for name, fn in fns.items():
+        for name, c in contenders.items():
             if settle:
                 time.sleep(settle)
-            n = numbers[name]
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            samples[name].append((time.perf_counter() - t) / n)
+            samples[name].append(c.sample(numbers[name]))
     medians = {name: statistics.median(s) for name, s in samples.items()}
     return (medians, {name: min(s) for name, s in samples.items()}) if best else medians
 

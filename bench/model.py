@@ -7,14 +7,17 @@
 Sections:
     speed      images/s of a training step (forward, softmax cross-entropy, backward, SGD with momentum 0.9) and
                of inference, ours against ``bench.torch_mobilenet`` holding the very same weights (copied by
-               name), PyTorch in NCHW and channels_last (best taken), repeats interleaved, medians. Each case is
-               validated first at its own shape: inference logits, and for training the loss and every
-               parameter gradient (dropout off for that one check, since the two engines draw different masks).
+               name), PyTorch in NCHW and channels_last (best taken), repeats interleaved, medians. Each engine
+               runs in a persistent worker process of its own (``bench._harness.Worker``: tinyconv's never
+               imports torch, torch's never runs a Numba kernel); the parent sets the case up in both, collects
+               their outputs and times one step at a time in each, round-robin. Each case is validated first at
+               its own shape: inference logits, and for training the loss and every parameter gradient against a
+               float64 run of our engine (dropout off for that one check, since the engines draw different masks).
     memory     peak resident memory of each engine in a subprocess of its own (``resource.getrusage``
                ``ru_maxrss``): the process peak, and the peak above the resident size just before the first step
                (model, optimizer state and input batch are already there), which is what a step adds.
-    profile    per layer type, time from ``Sequential.add_hook`` around every layer's forward and backward
-               (medians over steps) against its share of mult-adds: the paper's Table 2, in time.
+    profile    (tinyconv worker) per layer type, time from ``Sequential.add_hook`` around every layer's forward and
+               backward (medians over steps) against its share of mult-adds: the paper's Table 2, in time.
     blocks     every depthwise-separable block (depthwise + pointwise conv layers only) timed against a standard
                3x3 ``Conv2D`` with the same input, output channels and stride, next to the mult-add ratio
                1/N + 1/D_K^2: where the savings in arithmetic turn into savings in time.
@@ -141,35 +144,52 @@ def torch_inputs(torch, x, y):
         torch.from_numpy(y)
 
 
-def validate(torch, case, model, tmodels, x, y, xts, yt):
-    """Compare the engines at the case's shape; returns (description, worst relative error, passed)."""
-    from bench.torch_mobilenet import TORCH_PARAM, torch_gradient_like_tinyconv
+# --- in the workers: each holds its engine's model of the current case -----------------------------------------
+
+_STATE = {}
+
+
+def _dropout_off(layers):
+    """Set every dropout rate to 0; returns a function restoring them (the two engines draw different masks)."""
+    saved = [(layer, layer.rate) for layer in layers if layer.kind == "dropout"]
+    for layer, _ in saved:
+        layer.rate = 0.0
+
+    def restore():
+        for layer, rate in saved:
+            layer.rate = rate
+    return restore
+
+
+def weights_of(model):
+    """A tinyconv model's parameters and batch-norm buffers as plain, picklable data for
+    ``bench.torch_mobilenet.copy_weights``: [(layer name, kind, {param key: array}, {buffer key: array})]."""
+    return [(layer.name, layer.kind, {k: np.array(v) for k, v in layer.params.items()},
+             {k: np.array(v) for k, v in (getattr(layer, "buffers", None) or {}).items()})
+            for layer in model.layers if layer.params]
+
+
+def ours_setup(case):
+    """tinyconv worker: build the case's model and batch; returns the weights, for the torch worker to copy."""
+    h.clear_registered()
+    _STATE.clear()
+    model = build_ours(case)
+    x, y = batch(case)
+    _STATE.update(case=case, model=model, x=x, y=y)
+    return weights_of(model)
+
+
+def ours_outputs():
+    """tinyconv worker: what validation compares. Inference: {'logits'}. Training: one step with dropout off, in
+    float32 and in float64 (the same network and weights): {'loss', 'grads', 'grads64'}, gradients by
+    (layer name, parameter key)."""
     from tinyconv import SoftmaxCrossEntropy
+    case, model, x, y = (_STATE[k] for k in ("case", "model", "x", "y"))
     if case.mode == "infer":
         model.eval()
-        ours = model.forward(x, training=False)
-        errs = []
-        for lay, tm in tmodels.items():
-            tm.eval()
-            with torch.inference_mode():
-                errs.append(h.rel_error(ours, tm(xts[lay]).numpy()))
-        err = max(errs)
-        return f"logits rel. err {err:.1e}", err, err <= 1e-3
-    # Training: one step with dropout off on both sides, in float32, and in float64 through our engine (the same
-    # network and weights), which the two float32 gradients are measured against: BN over small spatial maps makes
-    # float32 gradients of this network drift ~1% from exact, in both engines, so their mutual difference alone
-    # says little. Passes if PyTorch agrees with the float64 run (so it is a valid reference) and ours is within a
-    # factor of 2 of PyTorch's error or under 5e-2: a ReLU whose input sits at 0 can take either branch in float32,
-    # which moves that layer's gradients by a few percent in either engine; a wrong backward is off by O(1).
-    tm = tmodels["NCHW"]
+        return {"logits": model.forward(x, training=False)}
     model64 = build_ours(case).astype(np.float64)
-    models_ = (model, model64)
-    drops = [(layer, layer.rate) for m in models_ for layer in m.layers if layer.kind == "dropout"]
-    tdrops = [(m, m.p) for m in tm.modules() if isinstance(m, torch.nn.Dropout)]
-    for layer, _ in drops:
-        layer.rate = 0.0
-    for m, _ in tdrops:
-        m.p = 0.0
+    restores = [_dropout_off(m.layers) for m in (model, model64)]
     try:
         losses = []
         for m, xm in ((model, x), (model64, x.astype(np.float64))):
@@ -178,56 +198,142 @@ def validate(torch, case, model, tmodels, x, y, xts, yt):
             loss_fn = SoftmaxCrossEntropy()
             losses.append(loss_fn.forward(m.forward(xm, training=True), y))
             m.backward(loss_fn.backward())
-        tm.train()
-        tm.zero_grad(set_to_none=True)
-        tloss = torch.nn.functional.cross_entropy(tm(xts["NCHW"]), yt)
-        tloss.backward()
-        modules = dict(tm.named_children())
-        ours_err = torch_err = 0.0
-        for layer, layer64 in zip(model.layers, model64.layers):
-            for k in layer.params:
-                g = torch_gradient_like_tinyconv(modules[layer.name], TORCH_PARAM[k])
-                ref = layer64.grads[k]
-                scale = max(float(np.linalg.norm(ref)), 1e-30)
-                ours_err = max(ours_err, float(np.linalg.norm(layer.grads[k] - ref)) / scale)
-                torch_err = max(torch_err, float(np.linalg.norm(g - ref)) / scale)
-        tl = float(tloss.detach())
-        loss_err = abs(losses[0] - tl) / abs(tl)
+        grads = [{(layer.name, k): np.array(g) for layer in m.layers for k, g in layer.grads.items()}
+                 for m in (model, model64)]
     finally:
-        for layer, rate in drops:
-            layer.rate = rate
-        for m, p in tdrops:
-            m.p = p
+        for restore in restores:
+            restore()
         model.zero_grad()
-        tm.zero_grad(set_to_none=True)
-    ok = loss_err <= 1e-4 and torch_err <= 5e-2 and ours_err <= max(2 * torch_err, 5e-2)
-    return (f"loss rel. err {loss_err:.1e}; worst gradient rel. err vs float64: ours {ours_err:.1e}, "
-            f"torch {torch_err:.1e}"), ours_err, ok
+    return {"loss": float(losses[0]), "grads": grads[0], "grads64": grads[1]}
 
 
-def speed(torch, case, repeats, warmup):
-    """Validate, then time ours and both torch layouts interleaved. Returns a dict of results."""
-    from bench.torch_mobilenet import copy_from_tinyconv, mobilenet_v1 as torch_mobilenet
-    model = build_ours(case)
+def ours_arm():
+    """tinyconv worker: register the step (or inference forward) as 'ours' for the parent to time."""
+    h.register("ours", ours_step(_STATE["model"], _STATE["case"], _STATE["x"], _STATE["y"]))
+
+
+def ours_profile(steps):
+    """tinyconv worker: the hook profile of the case's training step, as a markdown table."""
+    model, case = _STATE["model"], _STATE["case"]
+    times, step_time = profile(model, case, _STATE["x"], _STATE["y"], steps)
+    return profile_table(model, case, times, step_time)
+
+
+def ours_blocks(repeats, warmup):
+    """tinyconv worker: the separable-versus-standard block table of the case's model."""
+    return blocks(_STATE["model"], _STATE["case"], repeats, warmup)
+
+
+def torch_setup(case, weights):
+    """torch worker: the case's model in both layouts holding ``weights`` (from :func:`ours_setup`), and the
+    same batch."""
+    import torch
+    from bench.torch_mobilenet import copy_weights, mobilenet_v1 as torch_mobilenet
+    h.clear_registered()
+    _STATE.clear()
     x, y = batch(case)
     xts, yt = torch_inputs(torch, x, y)
     tmodels = {}
     for lay in xts:
         tm = torch_mobilenet(alpha=case.alpha, resolution=case.resolution, classes=case.classes,
                              in_channels=case.in_channels, dropout=case.dropout)
-        copy_from_tinyconv(tm, model)
+        copy_weights(tm, weights)
         tmodels[lay] = tm if lay == "NCHW" else tm.to(memory_format=torch.channels_last)
-    check, err, ok = validate(torch, case, model, tmodels, x, y, xts, yt)
-    fns = {"ours": ours_step(model, case, x, y)}
-    for lay, tm in tmodels.items():
-        fns[f"torch {lay}"] = torch_step(torch, tm, case, xts[lay], yt)
-    med, fastest = h.time_interleaved(fns, repeats=repeats, warmup=warmup, min_sample=0.0, best=True)
+    _STATE.update(case=case, tmodels=tmodels, xts=xts, yt=yt, params=[(n, list(p)) for n, _, p, _ in weights])
+
+
+def torch_outputs():
+    """torch worker: inference {'logits': {layout: logits}}; training (NCHW, dropout off) {'loss', 'grads'} with
+    the gradients in tinyconv's layout by (layer name, parameter key)."""
+    import torch
+    from bench.torch_mobilenet import TORCH_PARAM, torch_gradient_like_tinyconv
+    case, tmodels, xts, yt = (_STATE[k] for k in ("case", "tmodels", "xts", "yt"))
+    if case.mode == "infer":
+        logits = {}
+        for lay, tm in tmodels.items():
+            tm.eval()
+            with torch.inference_mode():
+                logits[lay] = tm(xts[lay]).numpy()
+        return {"logits": logits}
+    tm = tmodels["NCHW"]
+    drops = [(m, m.p) for m in tm.modules() if isinstance(m, torch.nn.Dropout)]
+    for m, _ in drops:
+        m.p = 0.0
+    try:
+        tm.train()
+        tm.zero_grad(set_to_none=True)
+        tloss = torch.nn.functional.cross_entropy(tm(xts["NCHW"]), yt)
+        tloss.backward()
+        modules = dict(tm.named_children())
+        grads = {(name, k): torch_gradient_like_tinyconv(modules[name], TORCH_PARAM[k]).copy()
+                 for name, keys in _STATE["params"] for k in keys}
+    finally:
+        for m, p in drops:
+            m.p = p
+        tm.zero_grad(set_to_none=True)
+    return {"loss": float(tloss.detach()), "grads": grads}
+
+
+def torch_arm():
+    """torch worker: register 'torch NCHW' and 'torch channels_last' for the parent to time."""
+    import torch
+    case = _STATE["case"]
+    for lay, tm in _STATE["tmodels"].items():
+        h.register(f"torch {lay}", torch_step(torch, tm, case, _STATE["xts"][lay], _STATE["yt"]))
+
+
+# --- in the parent ----------------------------------------------------------------------------------------------
+
+def validate(case, ours, theirs):
+    """Compare the engines' outputs at the case's shape; returns (description, worst relative error, passed).
+
+    Inference: our logits against each PyTorch layout's. Training: one step with dropout off on both sides, in
+    float32, and in float64 through our engine (the same network and weights), which the two float32 gradients are
+    measured against: BN over small spatial maps makes float32 gradients of this network drift ~1% from exact, in
+    both engines, so their mutual difference alone says little. Passes if PyTorch agrees with the float64 run (so
+    it is a valid reference) and ours is within a factor of 2 of PyTorch's error or under 5e-2: a ReLU whose input
+    sits at 0 can take either branch in float32, which moves that layer's gradients by a few percent in either
+    engine; a wrong backward is off by O(1).
+    """
+    if case.mode == "infer":
+        err = max(h.rel_error(ours["logits"], t) for t in theirs["logits"].values())
+        return f"logits rel. err {err:.1e}", err, err <= 1e-3
+    if set(ours["grads"]) != set(theirs["grads"]):
+        only_ours, only_torch = set(ours["grads"]) - set(theirs["grads"]), set(theirs["grads"]) - set(ours["grads"])
+        raise RuntimeError(f"gradients differ in names: ours only {sorted(only_ours)}, torch only {sorted(only_torch)}")
+    ours_err = torch_err = 0.0
+    for key, ref in ours["grads64"].items():
+        scale = max(float(np.linalg.norm(ref)), 1e-30)
+        ours_err = max(ours_err, float(np.linalg.norm(ours["grads"][key] - ref)) / scale)
+        torch_err = max(torch_err, float(np.linalg.norm(theirs["grads"][key] - ref)) / scale)
+    tl = theirs["loss"]
+    loss_err = abs(ours["loss"] - tl) / abs(tl)
+    ok = loss_err <= 1e-4 and torch_err <= 5e-2 and ours_err <= max(2 * torch_err, 5e-2)
+    return (f"loss rel. err {loss_err:.1e}; worst gradient rel. err vs float64: ours {ours_err:.1e}, "
+            f"torch {torch_err:.1e}"), ours_err, ok
+
+
+SETTLE = 0.01  # seconds between two samples: the previous engine's idle threads stop spinning
+
+
+def speed(workers, case, repeats, warmup):
+    """Set the case up in both workers (PyTorch's model gets our weights), validate, then time ours and both
+    torch layouts interleaved, each sample inside its own worker. Returns a dict of results."""
+    tc, tw = workers
+    tw.call(torch_setup, case, tc.call(ours_setup, case))
+    check, err, ok = validate(case, tc.call(ours_outputs), tw.call(torch_outputs))
+    tc.call(ours_arm)
+    tw.call(torch_arm)
+    fns = {"ours": h.Remote(tc, "ours"), **{f"torch {lay}": h.Remote(tw, f"torch {lay}")
+                                             for lay in ("NCHW", "channels_last")}}
+    med, fastest = h.time_interleaved(fns, repeats=repeats, warmup=warmup, min_sample=0.0, settle=SETTLE,
+                                      best=True)
     torch_fastest = min(v for k, v in fastest.items() if k.startswith("torch"))
     torch_times = {k.split(" ", 1)[1]: v for k, v in med.items() if k.startswith("torch")}
     best = min(torch_times, key=torch_times.get)
     return dict(case=case, check=check, error=err, ok=ok, ours=med["ours"], torch=torch_times, best=best,
                 ratio=torch_times[best] / med["ours"], fastest_ratio=torch_fastest / fastest["ours"],
-                ours_fastest=fastest["ours"], model=model, x=x, y=y)
+                ours_fastest=fastest["ours"])
 
 
 def speed_row(r):
@@ -552,39 +658,49 @@ def main(argv=None):
         kind, *rest = args.child
         {"memory": memory_child, "cold": cold_child, "warm": warm_child}[kind](*rest)
         return 0
-    import torch
-    h.set_threads(torch)
     repeats = args.repeats or (3 if args.quick else DEFAULT_REPEATS)
     warmup = 1 if args.quick else 2
     cases = [c for c in (QUICK_CASES if args.quick else CASES) if h.selected(c.name, args.case)]
     if not cases:
         print(f"no case matches --case {' '.join(args.case)}; cases: {[c.name for c in CASES]}", file=sys.stderr)
         return 2
-    header = h.machine_header(torch)
-    header.append(f"Both engines {h.THREADS} threads; medians of {repeats} interleaved repeats (ours, torch NCHW, "
-                  f"torch channels_last) after {warmup} warm-up steps; float32; SGD lr {LR} momentum {MOMENTUM}")
-    for line in header:
-        print(line, flush=True)
-    start = time.perf_counter()
-    cpu = h.CpuShare()
-    sections, headline = [], []
-
-    results = []
-    print("\n" + " | ".join(SPEED_HEADERS))
-    for case in cases:
-        r = speed(torch, case, repeats, warmup)
-        results.append(r)
-        print(" | ".join(speed_row(r)), flush=True)
-        if case.target is not None:
-            headline.append([f"{case.name} img/s", f"{case.batch / r['ours']:.1f}",
-                             f"{case.batch / r['torch'][r['best']]:.1f} ({r['best']})",
-                             f"{h.fmt_ratio(r['ratio'])} (fastest {h.fmt_ratio(r['fastest_ratio'])})",
-                             f">= {case.target:g}x", h.verdict(r["ratio"], case.target)])
+    steps = 3 if args.quick else 5
+    sections, headline, results, profiles = [], [], [], []
+    blocks_table = None
+    load_at_start = os.getloadavg()
+    print(f"Load average at start: {', '.join(f'{v:.1f}' for v in load_at_start)}; starting the workers", flush=True)
+    with h.Worker("tinyconv") as tc, h.Worker("torch") as tw:
+        start = time.perf_counter()
+        cpu = h.CpuShare([tc.pid, tw.pid])
+        print("\n" + " | ".join(SPEED_HEADERS))
+        for case in cases:
+            r = speed((tc, tw), case, repeats, warmup)
+            results.append(r)
+            print(" | ".join(speed_row(r)), flush=True)
+            if case.mode == "train":  # the worker still holds this case's model: profile it, and its blocks
+                table = tc.call(ours_profile, steps)
+                profiles.append((case, table))
+                print(f"\nprofile {case.name}\n{table}", flush=True)
+                if blocks_table is None:
+                    blocks_table = (case, tc.call(ours_blocks, 3, 1))
+                    print(f"\nblocks\n{blocks_table[1]}", flush=True)
+            if case.target is not None:
+                headline.append([f"{case.name} img/s", f"{case.batch / r['ours']:.1f}",
+                                 f"{case.batch / r['torch'][r['best']]:.1f} ({r['best']})",
+                                 f"{h.fmt_ratio(r['ratio'])} (fastest {h.fmt_ratio(r['fastest_ratio'])})",
+                                 f">= {case.target:g}x", h.verdict(r["ratio"], case.target)])
+        header = h.machine_header([tc, tw], load_at_start)
+    header.append(f"Each engine {h.THREADS} threads in its own worker process; medians of {repeats} interleaved "
+                  f"repeats (ours, torch NCHW, torch channels_last: one step each in turn, {SETTLE * 1e3:g} ms "
+                  f"apart) after {warmup} warm-up steps; float32; SGD lr {LR} momentum {MOMENTUM}")
+    print("\n" + "\n".join(header), flush=True)
     sections.append("## Speed: images/s, ours against PyTorch on identical weights\n\n"
                     "*torch/ours* > 1 means ours is faster (ratio of PyTorch's best layout's median time to ours); "
                     "*fastest torch/ours*: the same for each side's fastest sample, what each engine does when "
                     "the shared machine leaves it alone (the medians are the figures of record); "
-                    "validation at each case's shape before timing.\n\n"
+                    "validation at each case's shape before timing. Each engine runs in its own persistent "
+                    "process (tinyconv's never imports torch); PyTorch's model holds our weights, copied over the "
+                    "pipe.\n\n"
                     + h.markdown_table(SPEED_HEADERS, [speed_row(r) for r in results]))
 
     mem_rows = []
@@ -611,23 +727,14 @@ def main(argv=None):
                     + h.markdown_table(["case", "ours peak", "ours steps", "torch peak", "torch steps",
                                         "torch/ours (steps)"], mem_rows))
 
-    steps = 3 if args.quick else 5
-    for r in results:
-        case = r["case"]
-        if case.mode != "train":
-            continue
-        times, step_time = profile(r["model"], case, r["x"], r["y"], steps)
-        table = profile_table(r["model"], case, times, step_time)
+    for case, table in profiles:
         sections.append(f"## Where the time goes: {case.name} (hooks; the median of {steps} steps)\n\n{table}")
-        print(f"\nprofile {case.name}\n{table}", flush=True)
-
-    main_case = next((r for r in results if r["case"].mode == "train"), results[0])
-    table = blocks(main_case["model"], main_case["case"], 3, 1)
-    sections.append(f"## Depthwise-separable blocks against standard 3x3 convs: {main_case['case'].name}\n\n"
-                    "Conv layers only (BN and ReLU excluded on both sides, as in the mult-add count); time ratio = "
-                    "separable / standard, to compare with the mult-add ratio 1/N + 1/D_K^2. Identical blocks "
-                    "are measured once.\n\n" + table)
-    print(f"\nblocks\n{table}", flush=True)
+    if blocks_table is not None:
+        case, table = blocks_table
+        sections.append(f"## Depthwise-separable blocks against standard 3x3 convs: {case.name}\n\n"
+                        "Conv layers only (BN and ReLU excluded on both sides, as in the mult-add count); time "
+                        "ratio = separable / standard, to compare with the mult-add ratio 1/N + 1/D_K^2. Identical "
+                        "blocks are measured once. Both sides are ours, in the tinyconv worker.\n\n" + table)
 
     jit_lines = []
     if args.quick:
@@ -665,4 +772,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.model import main as _main  # the module by its name: its classes pickle to the workers
+    sys.exit(_main())

@@ -10,11 +10,13 @@ Identical in everything that changes results or cost:
     top          global average pooling, dropout, a Linear classifier with bias (tinyconv's ``classifier='fc'``).
 Module names are tinyconv's (``conv1``, ``conv_dw_1_bn``, ``conv_pw_13_relu``, ``conv_preds``), so
 :func:`copy_from_tinyconv` can load a tinyconv model's weights and buffers by name and the two give the same
-outputs. Only ``bench/`` imports this file (and torch).
+outputs; :func:`copy_weights` does the same across processes (the benchmarks' tinyconv worker
+sends its model's weights to the torch worker). Only ``bench/`` imports this file (and torch).
 """
 import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,8 +100,13 @@ def mobilenet_v1(*, alpha=1.0, resolution=224, classes=1000, in_channels=3, drop
     return nn.Sequential(layers)
 
 
-def copy_from_tinyconv(torch_model, tc_model):
-    """Load a tinyconv model's parameters and batch-norm buffers into the matching torch modules, by name.
+def copy_weights(torch_model, weights):
+    """Load weights given as plain data into the matching torch modules, by name.
+
+    Args:
+        torch_model: from :func:`mobilenet_v1`.
+        weights: list of (layer name, layer kind, {param key: array}, {buffer key: array}) for every tinyconv
+            layer with parameters (``bench.model.weights_of`` builds it; it pickles, so it crosses processes).
 
     Layouts: conv (KH, KW, C, K) -> (K, C, KH, KW); depthwise (KH, KW, C, 1) -> (C, 1, KH, KW); pointwise (C, K)
     -> (K, C, 1, 1); linear (C, K) -> (K, C).
@@ -109,31 +116,40 @@ def copy_from_tinyconv(torch_model, tc_model):
     """
     modules = dict(torch_model.named_children())
     with torch.no_grad():
-        for layer in tc_model.layers:
-            if not layer.params:
-                continue
-            if layer.name not in modules:
-                raise KeyError(f"torch model has no module named '{layer.name}'")
-            m = modules[layer.name]
-            p = {k: torch.from_numpy(v.copy()) for k, v in layer.params.items()}
-            if layer.kind == "conv":
+        for name, kind, params, buffers in weights:
+            if name not in modules:
+                raise KeyError(f"torch model has no module named '{name}'")
+            m = modules[name]
+            p = {k: torch.from_numpy(np.array(v)) for k, v in params.items()}
+            if kind == "conv":
                 m.weight.copy_(p["kernel"].permute(3, 2, 0, 1))
-            elif layer.kind == "depthwise":
+            elif kind == "depthwise":
                 kh, kw, c, mult = p["depthwise_kernel"].shape
                 m.weight.copy_(p["depthwise_kernel"].reshape(kh, kw, c * mult).permute(2, 0, 1).unsqueeze(1))
-            elif layer.kind == "pointwise":
+            elif kind == "pointwise":
                 m.weight.copy_(p["kernel"].T[:, :, None, None])
-            elif layer.kind == "linear":
+            elif kind == "linear":
                 m.weight.copy_(p["kernel"].T)
                 m.bias.copy_(p["bias"])
-            elif layer.kind == "batchnorm":
+            elif kind == "batchnorm":
                 m.weight.copy_(p["gamma"])
                 m.bias.copy_(p["beta"])
-                m.running_mean.copy_(torch.from_numpy(layer.buffers["moving_mean"].copy()))
-                m.running_var.copy_(torch.from_numpy(layer.buffers["moving_variance"].copy()))
+                m.running_mean.copy_(torch.from_numpy(np.array(buffers["moving_mean"])))
+                m.running_var.copy_(torch.from_numpy(np.array(buffers["moving_variance"])))
             else:
-                raise ValueError(f"layer '{layer.name}' of kind {layer.kind} has no torch counterpart here")
+                raise ValueError(f"layer '{name}' of kind {kind} has no torch counterpart here")
     return torch_model
+
+
+def copy_from_tinyconv(torch_model, tc_model):
+    """Load a tinyconv model's parameters and batch-norm buffers into the matching torch modules, by name (see
+    :func:`copy_weights` for the layouts).
+
+    Returns:
+        torch_model.
+    """
+    return copy_weights(torch_model, [(layer.name, layer.kind, layer.params, getattr(layer, "buffers", None) or {})
+                                      for layer in tc_model.layers if layer.params])
 
 
 def torch_gradient_like_tinyconv(module, name):

@@ -1,7 +1,8 @@
 """Smoke tests of the speed benchmarks: they import, and their pure helpers and validations work on tiny shapes.
 
-No timing is asserted anywhere (timing lives in ``bench/``); the benchmark environment (re-exec with allocator
-and OpenBLAS settings) is never applied here, only computed.
+No timing is asserted anywhere (timing lives in ``bench/``). The benchmark environment (allocator and OpenBLAS
+settings) is never applied to the test process, only computed; the engine worker processes the benchmarks run in
+(one per engine, started once for this module) do get it.
 """
 import numpy as np
 import pytest
@@ -15,6 +16,12 @@ from bench import torch_mobilenet as tmn  # noqa: E402
 import models  # noqa: E402
 
 TINY = bk.Workload("tiny", 0.25, 32, 2, 3, 5, 0.1, 0.1)
+
+
+@pytest.fixture(scope="module")
+def workers():
+    with h.Worker("tinyconv") as tc, h.Worker("torch") as tw:
+        yield tc, tw
 
 
 def test_benchmark_env_sets_allocator_drops_openblas_and_leaves_input_alone():
@@ -79,28 +86,72 @@ def test_torch_mobilenet_matches_tinyconv_on_copied_weights(kw):
     assert sum(p.numel() for p in tm.parameters()) == model.param_count()
 
 
-def test_kernel_ops_validate_on_a_tiny_workload():
-    ops = bk.build_ops(torch, TINY)
-    families = {op.family for op in ops}
+def test_workers_run_one_engine_each_and_report_errors(workers):
+    tc, tw = workers
+    assert tc.engine == "tinyconv" and tw.engine == "torch" and tc.pid != tw.pid
+    with pytest.raises(h.WorkerError, match="import of torch halted"):
+        tc.call("importlib:import_module", "torch")  # the tinyconv worker cannot import torch at all
+    assert tw.call(h.imported, "torch")
+    assert tc.call("os:getenv", "MALLOC_MMAP_THRESHOLD_") == h.MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert tc.call("os:getenv", "OPENBLAS_CORETYPE") is None
+    with pytest.raises(h.WorkerError, match="ZeroDivisionError"):
+        tc.call("operator:truediv", 1, 0)
+    assert tc.call("operator:add", 2, 3) == 5  # alive after an error
+
+
+def test_time_interleaved_times_remote_contenders(workers):
+    tc, tw = workers
+    tc.call(h.register, "noop", print)  # any picklable-by-name callable; print(): a newline on stderr
+    med, fastest = h.time_interleaved({"remote": h.Remote(tc, "noop"), "local": lambda: None}, repeats=2,
+                                      warmup=0, min_sample=0.0, best=True)
+    assert set(med) == set(fastest) == {"remote", "local"} and med["remote"] >= fastest["remote"] >= 0
+
+
+def test_bn_relu_inputs_keep_pre_activations_off_the_kink():
+    layer = next(layer for layer in models.mobilenet_v1(alpha=0.25, resolution=32, classes=5).layers
+                 if hasattr(layer, "act_kind"))
+    x, _, gamma, beta, _, _ = bk._bn_inputs(TINY, (16, 16, 8), np.random.default_rng(0), relu=True)
+    x2 = x.reshape(-1, 8).astype(np.float64)
+    v = (x2 - x2.mean(0)) * gamma / np.sqrt(x2.var(0) + layer.eps) + beta
+    assert np.abs(v).min() > 5e-5
+
+
+def test_kernel_rows_validate_on_a_tiny_workload_in_the_workers(workers):
+    tc, tw = workers
+    results = bk.run_workload(workers, TINY, repeats=1, warmup=0, report=lambda line: None)
+    families = {r.op.family for r in results}
     assert {"conv", "depthwise", "pointwise", "global avgpool", "dropout", "linear", "softmax cross-entropy"} \
         <= families
     assert "batchnorm+relu" in families or {"batchnorm", "relu"} <= families  # fused BN+ReLU layers or not
-    for op in ops:
-        assert bk.validate(op) <= op.tol, op.label
-    assert all(op.gemm is not None for op in ops if op.family == "pointwise")
+    for r in results:
+        assert r.ok, (r.op.label, r.error)
+        assert r.torch and all(t > 0 for t in r.torch.values()) and r.ours > 0
+        assert (r.gemm is not None) == (r.op.family == "pointwise")
+        assert r.torch_error is not None or r.op.family == "dropout"
+    assert not tc.call(h.imported, "torch")
+    assert not tw.call("bench._harness:_numba_ran")  # the torch worker never launched a parallel kernel
+    assert bk.summaries(results)
 
 
-def test_model_validation_profile_and_blocks_on_a_tiny_case():
+def test_model_validation_profile_and_blocks_on_a_tiny_case(workers):
+    tc, _ = workers
     case = bm.Case("train", 0.25, 64, 8, 3, 5, 0.1, 1.5)  # BN over >= 32 values: float32 well conditioned
-    r = bm.speed(torch, case, repeats=1, warmup=0)
+    r = bm.speed(workers, case, repeats=1, warmup=0)
     assert r["ok"], r["check"]
     assert set(r["torch"]) == {"NCHW", "channels_last"}
-    times, step = bm.profile(r["model"], case, r["x"], r["y"], steps=1)
-    table = bm.profile_table(r["model"], case, times, step)
+    table = tc.call(bm.ours_profile, 1)
     assert "Conv DW 3x3" in table and "Conv 1x1" in table
-    assert "0.1424" in bm.blocks(r["model"], case, repeats=1, warmup=0)  # block 1: 1/16 + 1/9 at alpha 0.25
-    infer = bm.speed(torch, case._replace(mode="infer"), repeats=1, warmup=0)
+    assert "0.1424" in tc.call(bm.ours_blocks, 1, 0)  # block 1: 1/16 + 1/9 at alpha 0.25
+    infer = bm.speed(workers, case._replace(mode="infer"), repeats=1, warmup=0)
     assert infer["ok"], infer["check"]
+    assert not tc.call(h.imported, "torch")
+
+
+def test_model_profile_in_process_on_a_tiny_case():
+    case = bm.Case("train", 0.25, 32, 4, 3, 5, 0.1, None)
+    model = bm.build_ours(case)
+    times, step = bm.profile(model, case, *bm.batch(case), steps=1)
+    assert step > 0 and "**training step**" in bm.profile_table(model, case, times, step)
 
 
 def test_case_names_are_unique_and_found():
