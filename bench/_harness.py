@@ -22,13 +22,14 @@ MobileNet 0.5/32/b128 training step of ours took 28-33 ms alone in its process a
 in the same one. The parent imports neither torch nor a kernel; it sends commands over a pipe (pickled
 ``(function, args)``, answered with the result), sets up the same case in every worker, collects their outputs to
 validate, and times with :class:`Remote` contenders: each sample is measured inside its worker, one worker at a
-time, round-robin.
+time, round-robin, with the other workers paused (SIGSTOP) so their idle threads cannot spin into it.
 """
 import argparse
 import importlib
 import os
 import pickle
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -313,9 +314,20 @@ class Worker:
             raise WorkerError(f"{self.engine} worker: {name} failed:\n{value}")
         return value
 
+    def pause(self):
+        """Stop the whole process (SIGSTOP): its idle threads cannot spin while another engine is timed."""
+        if self._proc is not None:
+            os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self):
+        """Continue a paused process (SIGCONT; harmless if it runs)."""
+        if self._proc is not None:
+            os.kill(self.pid, signal.SIGCONT)
+
     def close(self):
         if self._proc is None:
             return
+        self.resume()
         proc, self._proc = self._proc, None
         try:
             pickle.dump(None, proc.stdin)
@@ -448,19 +460,44 @@ def time_interleaved(fns, *, repeats, warmup=2, min_sample=2e-3, settle=0.0, bes
         warmup: untimed calls of each contender first (compilation, caches, allocator).
         min_sample: a sample lasts at least this long (calls are repeated inside it).
         settle: seconds slept before each sample, so the thread pool of the previous contender has gone idle.
+
+    While a contender of one worker is prepared or sampled, every other worker of ``fns`` is paused (SIGSTOP)
+    and resumed for its own turn: an engine's idle threads keep running after it answers (PyTorch's libgomp
+    workers spin for milliseconds after each parallel region, OpenBLAS's yield-spin for up to ~0.1 s), and
+    without the pause they ate into the next engine's sample (our depthwise rows measured 2-2.5x slower right
+    after PyTorch's, the bare GEMM 1.6x slower). Each engine is timed alone, as it runs in its own training.
         best: also return the fastest sample of each (what the machine can do when nobody else is running).
 
     Returns:
         dict name -> median seconds per call; with ``best``, (medians, fastest samples), two such dicts.
     """
     contenders = {name: fn if isinstance(fn, (Remote, Local)) else Local(fn) for name, fn in fns.items()}
-    numbers = {name: c.prepare(warmup, min_sample) for name, c in contenders.items()}
-    samples = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
+    workers = list({id(c.worker): c.worker for c in contenders.values() if isinstance(c, Remote)}.values())
+
+    def alone(c):
+        """Only ``c``'s worker runs: the others are paused (a local contender pauses them all)."""
+        mine = c.worker if isinstance(c, Remote) else None
+        for w in workers:
+            if w is not mine:
+                w.pause()
+        if mine is not None:
+            mine.resume()
+
+    try:
+        numbers = {}
         for name, c in contenders.items():
-            if settle:
-                time.sleep(settle)
-            samples[name].append(c.sample(numbers[name]))
+            alone(c)
+            numbers[name] = c.prepare(warmup, min_sample)
+        samples = {name: [] for name in fns}
+        for _ in range(max(1, repeats)):
+            for name, c in contenders.items():
+                alone(c)
+                if settle:
+                    time.sleep(settle)
+                samples[name].append(c.sample(numbers[name]))
+    finally:
+        for w in workers:
+            w.resume()
     medians = {name: statistics.median(s) for name, s in samples.items()}
     return (medians, {name: min(s) for name, s in samples.items()}) if best else medians
 
