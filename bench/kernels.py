@@ -760,8 +760,8 @@ def main(argv=None):
         header = h.machine_header([tc, tw])
         header.append(f"Each engine {h.THREADS} threads in its own worker process; medians of {repeats} "
                       f"interleaved repeats (ours, torch NCHW, torch channels_last, GEMM: one sample each in turn, "
-                      f"{SETTLE * 1e3:g} ms apart, the other engine's worker paused meanwhile) after {warmup} warm-up calls (a sample repeats a call until it "
-                      f"lasts >= 2 ms)")
+                      f"{SETTLE * 1e3:g} ms apart, the other engine's worker paused meanwhile) after {warmup} "
+                      f"warm-up calls (a sample repeats a call until it lasts >= 2 ms)")
         for line in header:
             print(line)
         jit_line = (f"JIT: first calls of the kernels at a tiny shape in the tinyconv worker (cache load, or "

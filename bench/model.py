@@ -692,7 +692,8 @@ def main(argv=None):
         header = h.machine_header([tc, tw], load_at_start)
     header.append(f"Each engine {h.THREADS} threads in its own worker process; medians of {repeats} interleaved "
                   f"repeats (ours, torch NCHW, torch channels_last: one step each in turn, {SETTLE * 1e3:g} ms "
-                  f"apart, the other engine's worker paused meanwhile) after {warmup} warm-up steps; float32; SGD lr {LR} momentum {MOMENTUM}")
+                  f"apart, the other engine's worker paused meanwhile) after {warmup} warm-up steps; float32; "
+                  f"SGD lr {LR} momentum {MOMENTUM}")
     print("\n" + "\n".join(header), flush=True)
     sections.append("## Speed: images/s, ours against PyTorch on identical weights\n\n"
                     "*torch/ours* > 1 means ours is faster (ratio of PyTorch's best layout's median time to ours); "
