@@ -245,3 +245,12 @@ def test_fused_bn_matches_the_unfused_layers_and_leaves_the_callers_gradient():
     for (name, _, g), (_, _, g_ref) in zip(model.named_parameters(), reference.named_parameters()):
         np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-14, err_msg=name)
 
+
+
+def test_saved_state_gets_ordinary_file_permissions(tmp_path):
+    import os
+    model = small_net(dtype=np.float32)
+    model.save(tmp_path / "m.npz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o666 & ~umask
