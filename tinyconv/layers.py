@@ -49,7 +49,39 @@ def _check_spatial(layer, input_shape, channels):
         raise ValueError(f"layer '{layer.name}': per-sample input shape must be {want}, got {tuple(input_shape)}")
 
 
-class Conv2D(Layer):
+class _Conv(Layer):
+    """What the three convolutions share: window geometry, output shape, mult-adds and the optional bias.
+
+    Subclasses set ``in_channels``, ``out_channels`` and call ``_set_window``; ``_macs_per_output`` is the number
+    of multiply-accumulates behind one output value (KH*KW*C for a standard conv, KH*KW for a depthwise one, C for
+    a pointwise one).
+    """
+
+    def _set_window(self, kernel_size, stride, padding):
+        (kh, kw), self.stride, self.padding = normalize_window(kernel_size, stride, padding)
+        self.kernel_size = (kh, kw)
+
+    def _add_bias(self, use_bias, dtype):
+        if use_bias:
+            self._add_param("bias", np.zeros(self.out_channels, dtype))
+
+    @property
+    def _macs_per_output(self):
+        raise NotImplementedError
+
+    def output_shape(self, input_shape):
+        _check_spatial(self, input_shape, self.in_channels)
+        g = conv_geometry(input_shape[0], input_shape[1], self.kernel_size, self.stride, self.padding)
+        return (g.oh, g.ow, self.out_channels)
+
+    def macs(self, input_shape):
+        return math.prod(self.output_shape(input_shape)) * self._macs_per_output
+
+    def extra_ops(self, input_shape):
+        return {"bias": math.prod(self.output_shape(input_shape))} if "bias" in self.params else {}
+
+
+class Conv2D(_Conv):
     """Standard convolution, weights HWIO ``kernel`` (KH, KW, C, K), optional ``bias`` (K,).
 
     Args:
@@ -68,12 +100,11 @@ class Conv2D(Layer):
         super().__init__(name)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
-        (kh, kw), self.stride, self.padding = normalize_window(kernel_size, stride, padding)
-        self.kernel_size = (kh, kw)
+        self._set_window(kernel_size, stride, padding)
+        kh, kw = self.kernel_size
         self._add_param("kernel", _he_uniform(_rng(rng), (kh, kw, in_channels, out_channels),
                                               kh * kw * in_channels, dtype))
-        if use_bias:
-            self._add_param("bias", np.zeros(out_channels, dtype))
+        self._add_bias(use_bias, dtype)
 
     @property
     def type_label(self):
@@ -98,21 +129,12 @@ class Conv2D(Layer):
             return None
         return conv_k.conv2d_backward_input(dy, w, x.shape, stride=self.stride, padding=self.padding)
 
-    def output_shape(self, input_shape):
-        _check_spatial(self, input_shape, self.in_channels)
-        g = conv_geometry(input_shape[0], input_shape[1], self.kernel_size, self.stride, self.padding)
-        return (g.oh, g.ow, self.out_channels)
-
-    def macs(self, input_shape):
-        oh, ow, k = self.output_shape(input_shape)
-        kh, kw = self.kernel_size
-        return oh * ow * k * kh * kw * self.in_channels
-
-    def extra_ops(self, input_shape):
-        return {"bias": math.prod(self.output_shape(input_shape))} if "bias" in self.params else {}
+    @property
+    def _macs_per_output(self):
+        return self.kernel_size[0] * self.kernel_size[1] * self.in_channels
 
 
-class DepthwiseConv2D(Layer):
+class DepthwiseConv2D(_Conv):
     """Depthwise convolution: one KH x KW filter per input channel (times ``depth_multiplier``).
 
     ``depthwise_kernel`` has shape (KH, KW, C, M); output channel ``c * M + m`` as Keras's DepthwiseConv2D.
@@ -126,12 +148,11 @@ class DepthwiseConv2D(Layer):
         self.in_channels = _positive_int("channels", channels)
         self.depth_multiplier = _positive_int("depth_multiplier", depth_multiplier)
         self.out_channels = self.in_channels * self.depth_multiplier
-        (kh, kw), self.stride, self.padding = normalize_window(kernel_size, stride, padding)
-        self.kernel_size = (kh, kw)
+        self._set_window(kernel_size, stride, padding)
+        kh, kw = self.kernel_size
         self._add_param("depthwise_kernel", _he_uniform(_rng(rng), (kh, kw, channels, self.depth_multiplier),
                                                         kh * kw, dtype))
-        if use_bias:
-            self._add_param("bias", np.zeros(self.out_channels, dtype))
+        self._add_bias(use_bias, dtype)
 
     @property
     def type_label(self):
@@ -157,21 +178,12 @@ class DepthwiseConv2D(Layer):
             return None
         return dw_k.depthwise_backward_input(dy, w, x.shape, stride=self.stride, padding=self.padding)
 
-    def output_shape(self, input_shape):
-        _check_spatial(self, input_shape, self.in_channels)
-        g = conv_geometry(input_shape[0], input_shape[1], self.kernel_size, self.stride, self.padding)
-        return (g.oh, g.ow, self.out_channels)
-
-    def macs(self, input_shape):
-        oh, ow, k = self.output_shape(input_shape)
-        kh, kw = self.kernel_size
-        return oh * ow * k * kh * kw
-
-    def extra_ops(self, input_shape):
-        return {"bias": math.prod(self.output_shape(input_shape))} if "bias" in self.params else {}
+    @property
+    def _macs_per_output(self):
+        return self.kernel_size[0] * self.kernel_size[1]
 
 
-class PointwiseConv2D(Layer):
+class PointwiseConv2D(_Conv):
     """1x1 convolution as one GEMM: ``kernel`` (C, K), optional ``bias`` (K,)."""
 
     kind = "pointwise"
@@ -181,9 +193,9 @@ class PointwiseConv2D(Layer):
         super().__init__(name)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
+        self._set_window(1, 1, "valid")
         self._add_param("kernel", _he_uniform(_rng(rng), (in_channels, out_channels), in_channels, dtype))
-        if use_bias:
-            self._add_param("bias", np.zeros(out_channels, dtype))
+        self._add_bias(use_bias, dtype)
 
     def forward(self, x, training=False):
         self._check_input(x, 4, self.in_channels)
@@ -201,16 +213,9 @@ class PointwiseConv2D(Layer):
             return None
         return pw_k.pointwise_backward_input(dy, w)
 
-    def output_shape(self, input_shape):
-        _check_spatial(self, input_shape, self.in_channels)
-        return (input_shape[0], input_shape[1], self.out_channels)
-
-    def macs(self, input_shape):
-        h, w, _ = self.output_shape(input_shape)
-        return h * w * self.in_channels * self.out_channels
-
-    def extra_ops(self, input_shape):
-        return {"bias": math.prod(self.output_shape(input_shape))} if "bias" in self.params else {}
+    @property
+    def _macs_per_output(self):
+        return self.in_channels
 
 
 class BatchNorm(Layer):
