@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyconv.io import copy_state
+
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -109,21 +111,9 @@ class Optimizer:
             ValueError: naming the missing, unexpected or mis-shaped entries.
         """
         want = {f"{name}/{slot}": arr for name, slots in self.state.items() for slot, arr in slots.items()}
-        got = set(state) - {"steps"}
-        missing, unexpected = sorted(set(want) - got), sorted(got - set(want))
-        if missing or unexpected or "steps" not in state:
-            raise ValueError(f"{self.kind} state does not match the parameters: missing "
-                             f"{missing or ('steps' if 'steps' not in state else 'none')}; "
-                             f"unexpected {unexpected or 'none'}")
-        wrong = [f"{k}: saved {np.shape(state[k])}, expected {dst.shape}" for k, dst in want.items()
-                 if np.shape(state[k]) != dst.shape]
-        if wrong:
-            raise ValueError(f"{self.kind} state has wrong shapes: {'; '.join(wrong)}")
-        for k, dst in want.items():
-            value = np.asarray(state[k])
-            if not np.isfinite(value).all():
-                raise ValueError(f"{self.kind} state entry {k} contains NaN or Inf")
-            dst[...] = value
+        if "steps" not in state:
+            raise ValueError(f"{self.kind} state does not match the parameters: missing ['steps']")
+        copy_state(want, {k: v for k, v in state.items() if k != "steps"}, what=f"the {self.kind} optimizer")
         self.steps = int(state["steps"])
 
     def __repr__(self):

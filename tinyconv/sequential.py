@@ -2,7 +2,7 @@
 import numpy as np
 
 from kernels._check import check_finite
-from tinyconv.io import atomic_write
+from tinyconv.io import atomic_write, copy_state
 from tinyconv.layer import Layer
 from tinyconv.summary import summary as _summary
 
@@ -156,20 +156,7 @@ class Sequential:
         """
         targets = {name: p for name, p, _ in self.named_parameters()}
         targets.update(dict(self.named_buffers()))
-        missing = sorted(set(targets) - set(state))
-        unexpected = sorted(set(state) - set(targets))
-        if missing or unexpected:
-            raise StateError(f"state does not match model '{self.name}': missing {missing or 'none'}; "
-                             f"unexpected {unexpected or 'none'}")
-        wrong = [f"{n}: saved {np.shape(state[n])}, model {targets[n].shape}"
-                 for n in targets if np.shape(state[n]) != targets[n].shape]
-        if wrong:
-            raise StateError(f"state does not match model '{self.name}': wrong shapes: {'; '.join(wrong)}")
-        for n, dst in targets.items():
-            value = np.asarray(state[n])
-            if not np.isfinite(value).all():
-                raise StateError(f"state entry {n} contains NaN or Inf")
-            dst[...] = value
+        copy_state(targets, state, what=f"model '{self.name}'", error=StateError)
 
     def save(self, path):
         """Write the state to an ``.npz`` file atomically."""
