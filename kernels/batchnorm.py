@@ -24,8 +24,11 @@ from kernels._jit import kernel, sized_kernel, use_parallel
 ACTIVATIONS = {None: (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}
 """Activation fused after batch norm -> the (lo, hi) it clips to; the gradient passes where lo < v < hi."""
 
-# Rows per statistics block: a block (rows x C) is read twice, the second time from cache, so it must fit in L2.
+# Rows per statistics block: a block (rows x C) is read twice, the second time from cache, so it must fit in L2;
+# its sums run in x's dtype (vector-wide; float32 widened to float64 per element ran at half the speed), so a
+# block also holds at most _MAX_BLOCK_ROWS rows, which bounds the float32 rounding of a block's sum.
 _BLOCK_BYTES = 128 * 1024
+_MAX_BLOCK_ROWS = 256
 
 
 @sized_kernel
@@ -34,7 +37,8 @@ def _stats_kernel(count_out, mean_out, m2_out, x, block_rows):
 
     count_out (P,), mean_out (P, C), m2_out (P, C): one row per chunk of rows of x (M, C). Within a chunk, each
     block of ``block_rows`` rows is reduced in two passes (mean, then squared deviations from that mean; the
-    second pass hits cache) and merged into the chunk's running result with Chan et al.'s formula
+    second pass hits cache), both summing in x's dtype over values already centred (on the block's first row,
+    then on its mean rounded to x's dtype, the rounding corrected in float64), and merged into the chunk's running result with Chan et al.'s formula
         mean = mean_a + d * n_b / n,   M2 = M2_a + M2_b + d^2 * n_a * n_b / n,   d = mean_b - mean_a,
     which is as stable as a two-pass variance and reads x from memory once.
     """
@@ -43,8 +47,10 @@ def _stats_kernel(count_out, mean_out, m2_out, x, block_rows):
     for p in numba.prange(n_chunks):
         start = p * m // n_chunks
         stop = (p + 1) * m // n_chunks
+        block_sum = np.empty(c_size, x.dtype)
+        block_center = np.empty(c_size, x.dtype)
+        block_m2 = np.empty(c_size, x.dtype)
         block_mean = np.empty(c_size, np.float64)
-        block_m2 = np.empty(c_size, np.float64)
         n_a = 0
         for c in range(c_size):
             mean_out[p, c] = 0.0
@@ -52,23 +58,29 @@ def _stats_kernel(count_out, mean_out, m2_out, x, block_rows):
         for b0 in range(start, stop, block_rows):
             b1 = min(b0 + block_rows, stop)
             n_b = b1 - b0
+            block_sum[:] = 0.0
+            block_m2[:] = 0.0
             for c in range(c_size):
-                block_mean[c] = 0.0
-                block_m2[c] = 0.0
+                block_center[c] = x[b0, c]  # shift by a sample: the sum in x's dtype then runs on deviations
             for i in range(b0, b1):
                 for c in range(c_size):
-                    block_mean[c] += x[i, c]
+                    block_sum[c] += x[i, c] - block_center[c]
             for c in range(c_size):
-                block_mean[c] /= n_b
+                mean_b = block_center[c] + np.float64(block_sum[c]) / n_b
+                block_mean[c] = mean_b
+                block_center[c] = mean_b
             for i in range(b0, b1):
                 for c in range(c_size):
-                    d = x[i, c] - block_mean[c]
+                    d = x[i, c] - block_center[c]
                     block_m2[c] += d * d
             n = n_a + n_b
             for c in range(c_size):
-                d = block_mean[c] - mean_out[p, c]
+                mean_b = block_mean[c]
+                e = mean_b - block_center[c]  # sum (x - mean_b)^2 = sum (x - center)^2 - n_b * e^2
+                m2_b = np.float64(block_m2[c]) - n_b * e * e
+                d = mean_b - mean_out[p, c]
                 mean_out[p, c] += d * (n_b / n)
-                m2_out[p, c] += block_m2[c] + d * d * (n_a * (n_b / n))
+                m2_out[p, c] += m2_b + d * d * (n_a * (n_b / n))
             n_a = n
         count_out[p] = n_a
 
@@ -129,33 +141,53 @@ def _scale_act_kernel(y, x, center, k, beta, lo, hi):
             y[i, c] = hi if v > hi else v
 
 
-@sized_kernel
-def _backward_sums_kernel(dbeta_part, dgamma_part, dy, x, mean, inv_std, k, beta, lo, hi):
-    """Per-chunk float64 sums of g and g * x_hat into (P, C) partials, rows of (M, C).
+# Rows per block of the backward sums: a block's sums accumulate in x's dtype in L1, then go into float64, so no
+# float32 sum runs over more than this many values.
+_SUM_BLOCK_ROWS = 128
 
-    x_hat = (x - mean) * inv_std; g = dy where the activation was in its linear region, lo < v < hi with
-    v = (x - mean) * k + beta the forward's pre-activation (same expression, same bits), else 0.
+
+@sized_kernel
+def _backward_sums_kernel(dbeta_part, dgamma_part, dy, x, mean, k, beta, lo, hi, block_rows):
+    """Per-chunk sums of g and g * (x - mean) into float64 (P, C) partials, rows of (M, C).
+
+    g = dy * mask, mask = 1 where the activation was in its linear region, lo < v < hi with v = (x - mean) * k +
+    beta the forward's pre-activation (same expression, same bits), else 0. The mask multiplies instead of
+    selecting: LLVM vectorizes the product (a select of a loaded value kept this loop scalar, 3x slower), and a
+    NaN or Inf in dy then reaches the sums wherever it sits, instead of vanishing where the unit was clipped.
+    Each block of ``block_rows`` rows is summed in dy's dtype, then added to float64 running sums. The caller
+    multiplies the second sum by inv_std to get sum g * x_hat.
     """
     n_chunks = dbeta_part.shape[0]
     m, c_size = dy.shape
     for p in numba.prange(n_chunks):
         start = p * m // n_chunks
         stop = (p + 1) * m // n_chunks
-        for c in range(c_size):
-            dbeta_part[p, c] = 0.0
-            dgamma_part[p, c] = 0.0
-        for i in range(start, stop):
+        sum_g = np.zeros(c_size, np.float64)
+        sum_gd = np.zeros(c_size, np.float64)
+        blk_g = np.empty(c_size, dy.dtype)
+        blk_gd = np.empty(c_size, dy.dtype)
+        for b0 in range(start, stop, block_rows):
+            blk_g[:] = 0.0
+            blk_gd[:] = 0.0
+            for i in range(b0, min(b0 + block_rows, stop)):
+                for c in range(c_size):
+                    d = x[i, c] - mean[c]
+                    v = d * k[c] + beta[c]
+                    g = dy[i, c] * ((v > lo) & (v < hi))
+                    blk_g[c] += g
+                    blk_gd[c] += g * d
             for c in range(c_size):
-                d = x[i, c] - mean[c]
-                v = d * k[c] + beta[c]
-                g = dy[i, c] if (v > lo) & (v < hi) else 0.0
-                dbeta_part[p, c] += g
-                dgamma_part[p, c] += g * (d * inv_std[c])
+                sum_g[c] += blk_g[c]
+                sum_gd[c] += blk_gd[c]
+        for c in range(c_size):
+            dbeta_part[p, c] = sum_g[c]
+            dgamma_part[p, c] = sum_gd[c]
 
 
 @sized_kernel
-def _backward_dx_kernel(dx, dy, x, mean, inv_std, k, beta, lo, hi, dbeta_mean, dgamma_mean, n_chunks):
-    """dx = k * (g - dbeta_mean - x_hat * dgamma_mean), rows of (M, C), g and x_hat as in the sums kernel.
+def _backward_dx_kernel(dx, dy, x, mean, k, beta, lo, hi, shift, slope, n_chunks):
+    """dx = k * g - shift - (x - mean) * slope, rows of (M, C), g = dy * mask as in the sums kernel, where
+    shift = k * dbeta / m and slope = k * inv_std^2 * dgamma_d / m (dgamma_d = sum g * (x - mean)) are (C,).
 
     dx may be dy itself. Each row of dy is first copied to a small buffer: LLVM vectorizes a loop only after a
     runtime check that its output does not overlap its inputs, and dx == dy would send it to the scalar loop
@@ -170,8 +202,7 @@ def _backward_dx_kernel(dx, dy, x, mean, inv_std, k, beta, lo, hi, dbeta_mean, d
             for c in range(c_size):
                 d = x[i, c] - mean[c]
                 v = d * k[c] + beta[c]
-                gc = g[c] if (v > lo) & (v < hi) else 0.0
-                dx[i, c] = k[c] * (gc - dbeta_mean[c] - (d * inv_std[c]) * dgamma_mean[c])
+                dx[i, c] = k[c] * (g[c] * ((v > lo) & (v < hi))) - shift[c] - d * slope[c]
 
 
 def _n_chunks(m, work):
@@ -232,7 +263,7 @@ def _batch_stats(x2, running_mean, running_var, momentum, eps):
     count = np.empty(n_chunks, np.int64)
     mean_part = np.empty((n_chunks, c_size), np.float64)
     m2_part = np.empty((n_chunks, c_size), np.float64)
-    block_rows = max(1, _BLOCK_BYTES // (c_size * x2.itemsize))
+    block_rows = min(_MAX_BLOCK_ROWS, max(1, _BLOCK_BYTES // (c_size * x2.itemsize)))
     _stats_kernel(count, mean_part, m2_part, x2, block_rows, work=x2.size)
     mean = np.empty(c_size, x2.dtype)
     inv_std = np.empty(c_size, x2.dtype)
@@ -380,23 +411,28 @@ def _backward(dy, x, mean, inv_std, k, beta, lo, hi, out):
     dbeta_part = np.empty((n_chunks, c_size), np.float64)
     dgamma_part = np.empty((n_chunks, c_size), np.float64)
     dtype = dy.dtype.type
-    _backward_sums_kernel(dbeta_part, dgamma_part, dy2, x2, mean, inv_std, k, beta, dtype(lo), dtype(hi),
+    _backward_sums_kernel(dbeta_part, dgamma_part, dy2, x2, mean, k, beta, dtype(lo), dtype(hi), _SUM_BLOCK_ROWS,
                           work=dy2.size)
+    inv_std64 = inv_std.astype(np.float64)
     dbeta64 = dbeta_part.sum(axis=0)
-    dgamma64 = dgamma_part.sum(axis=0)
+    dgamma64 = dgamma_part.sum(axis=0) * inv_std64  # sum g * x_hat
 
     # With y = gamma * x_hat + beta, x_hat = (x - mean) * inv_std, mean and var over the m rows of a channel, and
     # g = dL/dy (the upstream gradient masked by the activation):
     #   dbeta  = sum_i g_i,        dgamma = sum_i g_i * x_hat_i,
     #   dx_i   = gamma * inv_std * (g_i - dbeta / m - x_hat_i * dgamma / m)
-    # (the two subtracted terms are the paths through mean and var; eps does not change the form).
+    # (the two subtracted terms are the paths through mean and var; eps does not change the form). The kernel
+    # takes k = gamma * inv_std and folds the per-channel factors: dx_i = k g_i - shift - (x_i - mean) * slope.
+    k64 = k.astype(np.float64)
+    shift = (k64 * dbeta64 / m).astype(dy.dtype)
+    slope = (k64 * inv_std64 * dgamma64 / m).astype(dy.dtype)
     dx = np.empty(dy.shape, dy.dtype) if out is None else _check_out(out, dy)
     if out is not None and out is not dy and np.may_share_memory(out, dy):
         raise ValueError("out must be dy itself or not overlap it")
     if np.may_share_memory(dx, x):
         raise ValueError("out must not overlap x")
-    _backward_dx_kernel(dx.reshape(dy2.shape), dy2, x2, mean, inv_std, k, beta, dtype(lo), dtype(hi),
-                        (dbeta64 / m).astype(dy.dtype), (dgamma64 / m).astype(dy.dtype), n_chunks, work=dy2.size)
+    _backward_dx_kernel(dx.reshape(dy2.shape), dy2, x2, mean, k, beta, dtype(lo), dtype(hi), shift, slope,
+                        n_chunks, work=dy2.size)
     return dx, dgamma64.astype(dy.dtype), dbeta64.astype(dy.dtype)
 
 

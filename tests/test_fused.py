@@ -160,6 +160,17 @@ def test_mask_comes_from_the_forward_and_kinks_get_no_gradient():
     assert np.isnan(y[0, 0]) and y[1, 0] > 0
 
 
+def test_nan_in_dy_is_not_hidden_by_the_mask():
+    """A NaN upstream gradient at a clipped unit still reaches dbeta, dgamma and dx: the mask multiplies (0 * NaN
+    is NaN) rather than selecting, so a broken gradient is never silently dropped."""
+    x = np.array([[-1.0], [0.0], [1.0], [2.0]])
+    gamma, beta = np.ones(1), np.zeros(1)
+    _, mean, inv_std, _, _ = _train(x, gamma, beta, np.zeros(1), np.ones(1), "relu")
+    dy = np.array([[np.nan], [1.0], [1.0], [1.0]])  # row 0 is clipped by the ReLU
+    dx, dgamma, dbeta = batchnorm_act_backward(dy, x, mean, inv_std, gamma, beta, act="relu")
+    assert np.isnan(dbeta[0]) and np.isnan(dgamma[0]) and np.isnan(dx).all()
+
+
 @given(case=nhwc_cases(), act=st.sampled_from(["relu", "relu6"]))
 def test_matches_torch(case, act):
     torch = import_torch()
