@@ -124,8 +124,34 @@ def test_3x3_fast_path_is_not_used_where_it_measured_slower():
     from kernels import depthwise
     assert not depthwise._use_3x3(3, 3, 1, 1, 8, 64)     # narrow map
     assert not depthwise._use_3x3(3, 3, 1, 1, 16, 16)    # one vector of channels
-    assert not depthwise._use_3x3(3, 3, 2, 2, 64, 64)    # stride 2 keeps the tiled loops
+    assert not depthwise._use_3x3(3, 3, 2, 2, 64, 64)    # stride 2 has its own kernel
     assert not depthwise._use_3x3(5, 5, 1, 1, 64, 64)
+    assert not depthwise._use_3x3_s2(3, 3, 2, 2, 2)      # two output columns: the tiled loops win
+    assert not depthwise._use_3x3_s2(3, 3, 2, 1, 64)     # mixed strides
+    assert not depthwise._use_3x3_s2(5, 5, 2, 2, 64)
+
+
+@pytest.mark.parametrize("H, W, C, M, padding", [
+    (6, 16, 8, 1, "same"),       # even size, TensorFlow 'same': no left padding, one zero column on the right
+    (7, 17, 5, 1, "same"),       # odd size: one zero column each side
+    (5, 12, 3, 2, "valid"),      # no padding; depth multiplier
+    (6, 19, 4, 1, 3),            # padding > 1: several border columns each side
+    (5, 9, 2, 1, (0, 2)),        # asymmetric explicit padding, an odd number of interior columns
+])
+@pytest.mark.parametrize("threads", ["all", "one"])
+def test_3x3_stride2_forward_matches_oracle(H, W, C, M, padding, threads):
+    """The stride-2 3x3 forward kernel (two columns per pass) against the oracle, interior and border columns."""
+    from kernels import depthwise
+    rng = np.random.default_rng(H * W + C)
+    x, w = rng.standard_normal((2, H, W, C)), rng.standard_normal((3, 3, C, M))
+    kw = dict(stride=2, padding=padding)
+    y = oracle.depthwise_forward(x, w, **kw)
+    assert depthwise._use_3x3_s2(3, 3, 2, 2, y.shape[2])
+    with (oracle.one_numba_thread() if threads == "one" else contextlib.nullcontext()):
+        assert_close(depthwise_forward(x, w, **kw), y, rtol=1e-12, name="y")
+        y32 = depthwise_forward(x.astype(np.float32), w.astype(np.float32), **kw)
+    assert y32.dtype == np.float32
+    assert_close(y32, y, rtol=1e-4, atol_floor=1e-4, name="y float32")
 
 
 def test_weight_gradient_does_not_depend_on_thread_count():
