@@ -154,6 +154,25 @@ def test_3x3_stride2_forward_matches_oracle(H, W, C, M, padding, threads):
     assert_close(y32, y, rtol=1e-4, atol_floor=1e-4, name="y float32")
 
 
+@pytest.mark.parametrize("stride, padding", [(1, "same"), (2, "same"), (2, "valid"), ((1, 2), (2, 1))])
+def test_weight_gradient_per_column_path_matches_oracle(stride, padding):
+    """With >= 256 channels the weight gradient takes the per-column accumulators; it must agree with the oracle
+    and with the row-tiled kernel it replaces."""
+    from kernels import depthwise
+    C = depthwise._MIN_CHANNELS_WEIGHT_COLS
+    rng = np.random.default_rng(C)
+    x, w = rng.standard_normal((2, 5, 6, C)), rng.standard_normal((3, 3, C, 1))
+    kw = dict(stride=stride, padding=padding)
+    dy = rng.standard_normal(oracle.depthwise_forward(x, w, **kw).shape)
+    expected = oracle.depthwise_backward_weight(dy, x, w.shape, **kw)
+    assert_close(depthwise_backward_weight(dy, x, w.shape, **kw), expected, rtol=1e-12, name="dw")
+    # the same channels split over a depth multiplier of 2 go through the same path
+    x2, w2 = x[..., :C // 2], rng.standard_normal((3, 3, C // 2, 2))
+    dy2 = rng.standard_normal(oracle.depthwise_forward(x2, w2, **kw).shape)
+    assert_close(depthwise_backward_weight(dy2, x2, w2.shape, **kw),
+                 oracle.depthwise_backward_weight(dy2, x2, w2.shape, **kw), rtol=1e-12, name="dw, M=2")
+
+
 def test_weight_gradient_does_not_depend_on_thread_count():
     """The weight gradient sums fixed row blocks, so it is bitwise identical on one thread and on all of them."""
     rng = np.random.default_rng(3)
