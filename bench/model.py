@@ -731,7 +731,7 @@ def main(argv=None):
         torch_step_m = torch_m["steps_peak"] - torch_m["set_up"]
         mem_rows.append([r["case"].name, f"{ours_m['peak']:.0f}", f"{ours_setup:.0f}", f"{ours_step_m:.0f}",
                          f"{torch_m['peak']:.0f} ({r['best']})", f"{torch_setup:.0f}", f"{torch_step_m:.0f}",
-                         h.fmt_ratio(torch_step_m / ours_step_m if ours_step_m > 0 else None)])
+                         h.fmt_ratio(torch_step_m / ours_step_m if min(ours_step_m, torch_step_m) >= 1 else None)])
         print(f"memory {r['case'].name}: ours peak {ours_m['peak']:.0f} MiB (set-up +{ours_setup:.0f}, "
               f"steps +{ours_step_m:.0f}), torch {torch_m['peak']:.0f} MiB (+{torch_setup:.0f}, "
               f"+{torch_step_m:.0f})", flush=True)
