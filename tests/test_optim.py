@@ -151,3 +151,36 @@ def test_schedules():
     with pytest.raises(ValueError, match="warmup_steps"):
         LRSchedule("cosine", lr=0.1, total_steps=10, warmup_steps=11)
     assert math.isfinite(LRSchedule("cosine", lr=0.1, total_steps=1, warmup_steps=1)(0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_sgd_kernel_is_bitwise_the_numpy_formula(dtype, nesterov):
+    """Contiguous parameters go through kernels.optim.sgd_update, others through the NumPy formula: after several
+    steps with a changing lr, both give the same bits (same operations, same order, same rounding)."""
+    rng = np.random.default_rng(1)
+    values = [rng.standard_normal((3, 3, 4, 8)), rng.standard_normal((6, 5)), rng.standard_normal(8)]
+    grads = [rng.standard_normal(v.shape).astype(dtype) for v in values]
+    fast = [v.astype(dtype) for v in values]
+    slow = [np.asfortranarray(v.astype(dtype)) if v.ndim > 1 else v.astype(dtype)[::-1].copy()[::-1] for v in values]
+    slow_grads = [np.asfortranarray(g) if g.ndim > 1 else g[::-1].copy()[::-1] for g in grads]
+    assert all(s.ndim == 1 or not s.flags.c_contiguous for s in slow)
+    opts = [SGD([(f"p{i}", p, g) for i, (p, g) in enumerate(zip(ps, gs))], lr=0.1, momentum=0.9, nesterov=nesterov,
+                weight_decay=5e-4) for ps, gs in ((fast, grads), (slow, slow_grads))]
+    for step in range(4):
+        for opt in opts:
+            opt.lr = 0.1 / (step + 1)
+            opt.step()
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sgd_kernel_rejects_mismatched_arrays():
+    from kernels.optim import sgd_update
+    p = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="share shape and dtype"):
+        sgd_update(p, np.zeros((3, 2), np.float32), np.zeros_like(p), lr=0.1, momentum=0.9, weight_decay=0.0,
+                   nesterov=True)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        sgd_update(p, np.zeros((3, 2), np.float32).T, np.zeros_like(p), lr=0.1, momentum=0.9, weight_decay=0.0,
+                   nesterov=True)

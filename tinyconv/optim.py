@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.optim import sgd_update
 from tinyconv.io import copy_state
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -142,7 +143,12 @@ class SGD(Optimizer):
         super().__init__(params, lr=lr, weight_decay=weight_decay)
 
     def _update(self, p, g, state, wd, tmp, tmp2):
-        buf, mu, lr = state["momentum"], self.momentum, self.lr
+        buf = state["momentum"]
+        if p.flags.c_contiguous and g.flags.c_contiguous:
+            # one kernel pass, bitwise the NumPy formula below (tested), ~4x fewer calls per step
+            sgd_update(p, g, buf, lr=self.lr, momentum=self.momentum, weight_decay=wd, nesterov=self.nesterov)
+            return
+        mu, lr = self.momentum, self.lr
         np.multiply(p, wd, out=tmp)
         tmp += g                       # tmp = g + wd * p
         buf *= mu
