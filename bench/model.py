@@ -547,7 +547,7 @@ def memory(case, layout):
 def _public_kernel_calls():
     """(name, zero-argument call) for every public kernel function, on tiny float32 inputs."""
     from kernels import activation as a, batchnorm as bn, conv, depthwise as dw, dropout as dr, linear as li
-    from kernels import loss, pointwise as pw, pool
+    from kernels import loss, optim as op, pointwise as pw, pool
     f = np.float32
     x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(f)
     w3, wd, wp = np.ones((3, 3, 3, 4), f), np.ones((3, 3, 3, 1), f), np.ones((3, 4), f)
@@ -555,7 +555,9 @@ def _public_kernel_calls():
     y2 = np.ones((2, 3, 3, 4), f)
     yd = np.ones((2, 6, 6, 3), f)
     y4 = np.ones((2, 6, 6, 4), f)
+    xw, ww = np.ones((1, 16, 16, 256), f), np.ones((3, 3, 256, 1), f)
     _, x_hat, inv_std = bn.batchnorm_forward_train(x, c, c, c.copy(), c.copy())
+    _, act_mean, act_inv_std = bn.batchnorm_act_forward_train(x, c, c, c.copy(), c.copy())
     _, argmax = pool.maxpool_forward(x, kernel_size=2)
     _, mask = dr.dropout_forward(x, rate=0.5, rng=np.random.default_rng(0))
     logits, labels = np.ones((2, 3), f), np.array([0, 2])
@@ -570,6 +572,11 @@ def _public_kernel_calls():
         ("depthwise_forward", lambda: dw.depthwise_forward(x, wd, padding="same")),
         ("depthwise_backward_input", lambda: dw.depthwise_backward_input(yd, wd, x.shape, padding="same")),
         ("depthwise_backward_weight", lambda: dw.depthwise_backward_weight(yd, x, wd.shape, padding="same")),
+        # a wider map with many channels takes the 3x3 register-blocked and per-column paths
+        ("depthwise 3x3 paths", lambda: [dw.depthwise_forward(xw, ww, stride=1, padding="same"),
+                                         dw.depthwise_forward(xw, ww, stride=2, padding="same"),
+                                         dw.depthwise_backward_input(xw, ww, xw.shape, padding="same"),
+                                         dw.depthwise_backward_weight(xw, xw, ww.shape, padding="same")]),
         ("pointwise_forward", lambda: pw.pointwise_forward(x, wp)),
         ("pointwise_backward_input", lambda: pw.pointwise_backward_input(y4, wp)),
         ("pointwise_backward_weight", lambda: pw.pointwise_backward_weight(y4, x)),
@@ -577,6 +584,11 @@ def _public_kernel_calls():
         ("batchnorm_forward_train", lambda: bn.batchnorm_forward_train(x, c, c, c.copy(), c.copy())),
         ("batchnorm_forward_eval", lambda: bn.batchnorm_forward_eval(x, c, c, c, c)),
         ("batchnorm_backward", lambda: bn.batchnorm_backward(x, x_hat, inv_std, c)),
+        ("batchnorm_act_forward_train", lambda: bn.batchnorm_act_forward_train(x, c, c, c.copy(), c.copy())),
+        ("batchnorm_act_forward_eval", lambda: bn.batchnorm_act_forward_eval(x, c, c, c, c)),
+        ("batchnorm_act_backward", lambda: bn.batchnorm_act_backward(x, x, act_mean, act_inv_std, c, c)),
+        ("sgd_update", lambda: op.sgd_update(wp.copy(), wp, np.zeros_like(wp), lr=0.1, momentum=0.9,
+                                             weight_decay=0.0, nesterov=True)),
         ("relu_forward", lambda: a.relu_forward(x)),
         ("relu_backward", lambda: a.relu_backward(x, x)),
         ("relu6_forward", lambda: a.relu6_forward(x)),
@@ -607,12 +619,14 @@ def _kernel_modules():
 
 
 def cold_child():
-    """First call of every public kernel in float32 with an empty cache; print per-call seconds as JSON.
+    """First call of every public kernel in float32 with an empty cache, serial and parallel builds; print per-call
+    seconds as JSON.
 
     Calls that set up another call's inputs (batch norm's and max pool's forward, dropout's mask, the loss's
     probabilities) run first, untimed individually but inside the total.
     """
     import numba
+    from kernels._jit import SizedKernel
     start = time.perf_counter()
     calls = _public_kernel_calls()
     setup = time.perf_counter() - start
@@ -621,11 +635,25 @@ def cold_child():
         t = time.perf_counter()
         call()
         times[name] = time.perf_counter() - t
+    # Tiny inputs run the serial build of each size-dispatched kernel; run them again with the parallel rule
+    # forced, so that the parallel builds, which real batches use, are compiled (and counted) too.
+    from kernels import _jit
+    _jit.PARALLEL_MIN_WORK, previous = 0, _jit.PARALLEL_MIN_WORK
+    try:
+        for name, call in calls:
+            t = time.perf_counter()
+            call()
+            times[name] += time.perf_counter() - t
+    finally:
+        _jit.PARALLEL_MIN_WORK = previous
     total = time.perf_counter() - start
     public, dispatchers, compiled = set(), 0, 0
     for mod in _kernel_modules():
         for attr, obj in vars(mod).items():
-            if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.__module__ == mod.__name__:
+            if isinstance(obj, SizedKernel):  # serial and parallel builds; small inputs use only the serial one
+                dispatchers += 2
+                compiled += bool(obj.serial.signatures) + bool(obj.parallel.signatures)
+            elif isinstance(obj, numba.core.registry.CPUDispatcher) and obj.__module__ == mod.__name__:
                 dispatchers += 1
                 compiled += bool(obj.signatures)
             elif callable(obj) and not attr.startswith("_") and getattr(obj, "__module__", "") == mod.__name__ \
