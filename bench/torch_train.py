@@ -95,7 +95,8 @@ def main(argv=None):
     augment = Augment(**settings["augment"]) if settings["augment"] else None
     m = config["model"]
     model = mobilenet_v1(torch, alpha=m["alpha"], classes=train.num_classes, in_channels=train.image_shape[2],
-                         dropout=m["dropout"], bn_momentum=m["bn_momentum"], shallow=m["shallow"], full_conv=m["full_conv"], seed=args.seed)
+                         dropout=m["dropout"], bn_momentum=m["bn_momentum"], shallow=m["shallow"],
+                         full_conv=m["full_conv"], seed=args.seed)
     model = model.to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

@@ -12,7 +12,8 @@ Memory-bound passes, written to touch memory as few times as possible:
 The fused backward keeps x, not x_hat: x_hat = (x - mean) * inv_std and the activation's mask (where the
 pre-activation lay strictly inside (lo, hi)) are recomputed on the fly, so the forward writes one array instead of
 three (x_hat, BN output, activation output) and the backward reads two instead of four.
-Sums accumulate in float64 per thread and are combined afterwards, so float32 statistics do not drift with M.
+Sums accumulate in x's dtype over blocks of at most a few hundred rows, then in float64 per thread, combined
+afterwards, so float32 statistics do not drift with M.
 Every loop is a :func:`kernels._jit.sized_kernel`: small maps run serial, large ones on every thread.
 """
 import numba
@@ -38,7 +39,8 @@ def _stats_kernel(count_out, mean_out, m2_out, x, block_rows):
     count_out (P,), mean_out (P, C), m2_out (P, C): one row per chunk of rows of x (M, C). Within a chunk, each
     block of ``block_rows`` rows is reduced in two passes (mean, then squared deviations from that mean; the
     second pass hits cache), both summing in x's dtype over values already centred (on the block's first row,
-    then on its mean rounded to x's dtype, the rounding corrected in float64), and merged into the chunk's running result with Chan et al.'s formula
+    then on its mean rounded to x's dtype, the rounding corrected in float64), and merged into the chunk's
+    running result with Chan et al.'s formula
         mean = mean_a + d * n_b / n,   M2 = M2_a + M2_b + d^2 * n_a * n_b / n,   d = mean_b - mean_a,
     which is as stable as a two-pass variance and reads x from memory once.
     """
