@@ -259,3 +259,17 @@ def test_cli_trains_on_an_image_folder_with_a_class_subset(tmp_path, capsys):
     logits_kernel = [v for k, v in saved.model_state.items() if k.endswith("/kernel")][-1]
     assert logits_kernel.shape[-1] == 2, "two classes kept, so two logits"
     assert 0.0 <= summary["test_acc"] <= 1.0 and summary["epochs"] == 1
+
+
+def test_blas_override_note(tmp_path):
+    """The trainer says when OPENBLAS_CORETYPE pins an AVX-512 CPU to older kernels, and only then."""
+    from tinyconv.threads import blas_override_note
+    avx512, avx2 = tmp_path / "avx512", tmp_path / "avx2"
+    avx512.write_text("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n")
+    avx2.write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    note = blas_override_note({"OPENBLAS_CORETYPE": "Haswell"}, str(avx512))
+    assert note is not None and "OPENBLAS_CORETYPE=Haswell" in note and "unset" in note
+    assert blas_override_note({}, str(avx512)) is None
+    assert blas_override_note({"OPENBLAS_CORETYPE": "SkylakeX"}, str(avx512)) is None
+    assert blas_override_note({"OPENBLAS_CORETYPE": "Haswell"}, str(avx2)) is None
+    assert blas_override_note({"OPENBLAS_CORETYPE": "Haswell"}, str(tmp_path / "missing")) is None

@@ -37,7 +37,7 @@ from tinyconv.evaluate import evaluate
 from tinyconv.io import atomic_write
 from tinyconv.loss import SoftmaxCrossEntropy
 from tinyconv.optim import SCHEDULES, LRSchedule, OPTIMIZERS, make_optimizer
-from tinyconv.threads import set_threads
+from tinyconv.threads import blas_override_note, set_threads
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
 MODELS = ("mobilenet", "small")
@@ -496,6 +496,9 @@ def main(argv=None):
         args.out = out
         config, train = run_description(args)
     threads = set_threads(args.threads)
+    note = blas_override_note()
+    if note:
+        print(note, file=sys.stderr)
     if args.resume and saved.config.get("threads") not in (None, threads):
         print(f"note: the run used {saved.config['threads']} threads, now {threads}; the result will differ from "
               f"an uninterrupted run in the last bits", file=sys.stderr)
