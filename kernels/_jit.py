@@ -4,8 +4,10 @@ Kernels are decorated with :func:`kernel` (serial) or :func:`parallel_kernel` (u
 lazily on first call and cache the machine code on disk (``cache=True``), so importing a kernel module compiles
 nothing and a second process starts warm.
 
-Memory-bound kernels that run on anything from a 2x2 map to a 30 MB activation use :func:`sized_kernel`: compiled
-serial and parallel, called with the amount of work, and :func:`use_parallel` is the one rule that picks.
+Kernels that run on anything from a 1x1 map to a 30 MB activation use :func:`sized_kernel` (or
+:func:`fast_sized_kernel`): compiled serial and parallel, called with the amount of work, and
+:func:`use_parallel` is the one rule that picks. Their loops give the same bits either way (each iteration of a
+``prange`` writes its own outputs, reductions use fixed blocks), so the choice only changes the time.
 
 Environment switches (read once, at import):
     TINYCONV_FASTMATH=1       allow fastmath reassociation (faster reductions, results differ in the last bits).
@@ -90,3 +92,9 @@ def _renamed(fn, suffix):
 def sized_kernel(fn):
     """Compile ``fn`` serial and parallel, dispatched by work size (see :class:`SizedKernel`)."""
     return SizedKernel(fn, JIT_OPTIONS)
+
+
+def fast_sized_kernel(fn):
+    """:func:`sized_kernel` that may contract a*b + c into FMAs."""
+    return SizedKernel(fn, FAST_OPTIONS)
+

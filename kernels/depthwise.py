@@ -27,7 +27,7 @@ import numpy as np
 from numba import prange
 
 from ._check import check_float_array, check_same_dtype
-from ._jit import fast_kernel, fast_parallel_kernel, kernel, parallel_kernel
+from ._jit import fast_kernel, fast_sized_kernel, kernel, sized_kernel
 from .conv import _check_channels, _check_dy, _check_shape_arg
 from .geometry import conv_geometry, normalize_window
 
@@ -66,7 +66,7 @@ def _runs(lo, hi, sw, C):
     return hi - lo, C
 
 
-@parallel_kernel
+@sized_kernel
 def _forward(y, x, wt, sh, sw, pt, pl):
     """y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C); wt: (KH, KW, OW*C), w tiled OW times."""
     N, OH, OW, C = y.shape
@@ -97,7 +97,7 @@ def _forward(y, x, wt, sh, sw, pt, pl):
                         dst[j] += src[j] * wv[j]
 
 
-@parallel_kernel
+@sized_kernel
 def _backward_input(dx, dy, wt, sh, sw, pt, pl):
     """dx: (N, H, W, C) output, written entirely; dy: (N, OH, OW, C); wt: (KH, KW, OW*C), w tiled OW times.
 
@@ -131,7 +131,7 @@ def _backward_input(dx, dy, wt, sh, sw, pt, pl):
                         dst[j] += src[j] * wv[j]
 
 
-@parallel_kernel
+@sized_kernel
 def _backward_weight(partial, dy, x, sh, sw, pt, pl):
     """partial: (B, KH, KW, OW*C) output, block b's sum over its share of output rows, still tiled along the row
     (entry ow*C + c belongs to channel c); dy: (N, OH, OW, C); x: (N, H, W, C)."""
@@ -166,7 +166,7 @@ def _backward_weight(partial, dy, x, sh, sw, pt, pl):
                             dst[j] += src[j] * g[j]
 
 
-@parallel_kernel
+@sized_kernel
 def _backward_weight_cols(partial, dy, x, sh, sw, pt, pl):
     """The weight gradient with one (KH, KW, C) accumulator per block instead of a row-tiled one. partial:
     (B, KH, KW, C) output; dy: (N, OH, OW, C); x: (N, H, W, C).
@@ -248,7 +248,7 @@ def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
                 dst[c] += xa[c] * wa[c] + xb[c] * wb[c] + xd[c] * wd[c]
 
 
-@fast_parallel_kernel
+@fast_sized_kernel
 def _forward3x3(y, x, wf, zero, pt, pl):
     """Stride-1 3x3 depthwise conv. y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C);
     wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros. pt and pl may be any ints."""
@@ -296,7 +296,7 @@ def _forward3x3(y, x, wf, zero, pt, pl):
             _column3x3(yrow, a, b, d, wf, C, W, 1, pl, ow)
 
 
-@fast_parallel_kernel
+@fast_sized_kernel
 def _forward3x3s2(y, x, wf, zero, pt, pl):
     """Stride-2 3x3 depthwise conv, two output columns per pass. y: (N, OH, OW, C) output, written entirely;
     x: (N, H, W, C); wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros.
@@ -346,6 +346,15 @@ def _forward3x3s2(y, x, wf, zero, pt, pl):
             _column3x3(yrow, a, b, d, wf, C, W, 2, pl, ow)
 
 
+# Work passed to the serial/parallel rule: two units per output value, so the kernels run on both threads from 2^18
+# outputs (the rule's 2^19 is for one-pass elementwise kernels; a 3x3 depthwise output costs nine mult-adds).
+# Measured, 2 threads, us serial vs parallel: 128x1x1x512 11 vs 74, 128x2x2x256 49 vs 88, 128x8x8x64 s2 (131k
+# outputs) 146 vs 185, 128x4x4x128 (262k) 170 vs 167, 128x16x16x16 (524k) 545 vs 405: below ~2^18 outputs the
+# launch costs more than the second thread saves.
+def _work(y):
+    return 2 * y.size
+
+
 def _check_w(w):
     check_float_array("w", w, 4, _W_LEGEND)
 
@@ -390,11 +399,11 @@ def depthwise_forward(x, w, *, stride=1, padding="valid"):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     y = np.empty((N, g.oh, g.ow, C * M), x.dtype)
     if _use_3x3(KH, KW, sh, sw, g.ow, C * M):
-        _forward3x3(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl)
+        _forward3x3(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, work=_work(y))
     elif _use_3x3_s2(KH, KW, sh, sw, g.ow):
-        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl)
+        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, work=_work(y))
     else:
-        _forward(y, _expand(x, M), _tiled(w, g.ow), sh, sw, g.pt, g.pl)
+        _forward(y, _expand(x, M), _tiled(w, g.ow), sh, sw, g.pt, g.pl, work=_work(y))
     return y
 
 
@@ -424,9 +433,9 @@ def depthwise_backward_input(dy, w, x_shape, *, stride=1, padding="valid"):
         # Stride 1: dx[ih, iw] = sum_{kh, kw} dy[ih + pt - kh, iw + pl - kw] w[kh, kw] is a forward depthwise conv
         # of dy with the kernel flipped in both axes and padding 2 - pt, 2 - pl (dy rows outside [0, OH) are 0).
         _forward3x3(dx, np.ascontiguousarray(dy), _flat(w[::-1, ::-1]), np.zeros(g.ow * C * M, dy.dtype),
-                    2 - g.pt, 2 - g.pl)
+                    2 - g.pt, 2 - g.pl, work=_work(dy))
     else:
-        _backward_input(dx, np.ascontiguousarray(dy), _tiled(w, g.ow), sh, sw, g.pt, g.pl)
+        _backward_input(dx, np.ascontiguousarray(dy), _tiled(w, g.ow), sh, sw, g.pt, g.pl, work=_work(dy))
     return dx if M == 1 else dx.reshape(N, H, W, C, M).sum(axis=4)  # (N, H, W, C)
 
 
@@ -454,8 +463,9 @@ def depthwise_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
     blocks = min(_WEIGHT_BLOCKS, N * g.oh)
     if C * M >= _MIN_CHANNELS_WEIGHT_COLS:
         partial = np.empty((blocks, KH, KW, C * M), dy.dtype)  # (B, KH, KW, C*M)
-        _backward_weight_cols(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl)
+        _backward_weight_cols(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl,
+                              work=_work(dy))
         return partial.sum(axis=0).reshape(KH, KW, C, M)  # (KH, KW, C, M)
     partial = np.empty((blocks, KH, KW, g.ow * C * M), dy.dtype)  # (B, KH, KW, OW*C*M)
-    _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl)
+    _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, work=_work(dy))
     return partial.sum(axis=0).reshape(KH, KW, g.ow, C, M).sum(axis=2)  # (KH, KW, C, M)

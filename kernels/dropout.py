@@ -13,10 +13,10 @@ import numba
 import numpy as np
 
 from kernels._check import check_float_array, check_same_dtype
-from kernels._jit import parallel_kernel
+from kernels._jit import sized_kernel
 
 
-@parallel_kernel
+@sized_kernel
 def _dropout_kernel(y, mask, x, rate, scale):
     """mask holds uniform [0, 1) draws on entry; keeps where draw >= rate (probability 1 - rate)."""
     for i in numba.prange(x.shape[0]):
@@ -25,7 +25,7 @@ def _dropout_kernel(y, mask, x, rate, scale):
         y[i] = x[i] * keep
 
 
-@parallel_kernel
+@sized_kernel
 def _multiply_kernel(dx, dy, mask):
     for i in numba.prange(dy.shape[0]):
         dx[i] = dy[i] * mask[i]
@@ -59,7 +59,7 @@ def dropout_forward(x, *, rate, rng):
     rng.random(out=mask, dtype=x.dtype)
     y = np.empty_like(x_flat)
     # The threshold in x's dtype, so a float32 draw is compared with the float32 rate it can actually equal.
-    _dropout_kernel(y, mask, x_flat, x.dtype.type(rate), x.dtype.type(1.0 / (1.0 - rate)))
+    _dropout_kernel(y, mask, x_flat, x.dtype.type(rate), x.dtype.type(1.0 / (1.0 - rate)), work=x_flat.size)
     return y.reshape(x.shape), mask.reshape(x.shape)
 
 
@@ -80,5 +80,5 @@ def dropout_backward(dy, mask):
     check_same_dtype(dy=dy, mask=mask)
     dy_flat = np.ascontiguousarray(dy).reshape(-1)  # (size,)
     dx = np.empty_like(dy_flat)
-    _multiply_kernel(dx, dy_flat, np.ascontiguousarray(mask).reshape(-1))
+    _multiply_kernel(dx, dy_flat, np.ascontiguousarray(mask).reshape(-1), work=dy_flat.size)
     return dx.reshape(dy.shape)

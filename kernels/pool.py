@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from kernels._check import check_float_array, check_shape
-from kernels._jit import kernel, parallel_kernel
+from kernels._jit import kernel, parallel_kernel, sized_kernel
 from kernels.geometry import conv_geometry, normalize_window
 
 _LEGEND = "(N, H, W, C)"
@@ -133,7 +133,7 @@ def _avgpool_backward_kernel(dx, dy, kh, kw, sh, sw, pt, pl):
                         dx[n, ih, iw, c] += dy[n, oh, ow, c] * inv_count
 
 
-@parallel_kernel
+@sized_kernel
 def _global_avgpool_kernel(y, x):
     """y[n, c] = mean over (H, W) of x[n, :, :, c], summed in float64."""
     n_size, h, w, c_size = x.shape
@@ -147,7 +147,7 @@ def _global_avgpool_kernel(y, x):
             y[n, c] = acc[c] / (h * w)
 
 
-@parallel_kernel
+@sized_kernel
 def _global_avgpool_backward_kernel(dx, dy):
     """dx[n, ih, iw, c] = dy[n, c] / (H * W)."""
     n_size, h, w, c_size = dx.shape
@@ -293,7 +293,7 @@ def global_avgpool_forward(x):
     """
     check_float_array("x", x, ndim=4, legend=_LEGEND)
     y = np.empty((x.shape[0], x.shape[3]), x.dtype)
-    _global_avgpool_kernel(y, np.ascontiguousarray(x))
+    _global_avgpool_kernel(y, np.ascontiguousarray(x), work=x.size)
     return y
 
 
@@ -311,5 +311,5 @@ def global_avgpool_backward(dy, x_shape):
     x_shape = _check_x_shape(x_shape)
     check_shape("dy", dy, (x_shape[0], x_shape[3]))
     dx = np.empty(x_shape, dy.dtype)
-    _global_avgpool_backward_kernel(dx, np.ascontiguousarray(dy))
+    _global_avgpool_backward_kernel(dx, np.ascontiguousarray(dy), work=dx.size)
     return dx
