@@ -234,6 +234,24 @@ def _use_3x3_s2(KH, KW, sh, sw, width):
     return (KH, KW, sh, sw) == (3, 3, 2, 2) and width >= _MIN_WIDTH_3X3_S2
 
 
+@kernel
+def _three_rows(xrows, base, H, ih, zero):
+    """Input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows), ``zero`` for rows in the
+    padding: the three rows a 3x3 output row reads."""
+    a = xrows[base + ih] if 0 <= ih < H else zero
+    b = xrows[base + ih + 1] if 0 <= ih + 1 < H else zero
+    d = xrows[base + ih + 2] if 0 <= ih + 2 < H else zero
+    return a, b, d
+
+
+@kernel
+def _channel_offsets(C):
+    """j*C for j = 1..8 as unsigned ints: the offsets of the 3x3 kernels' columns and taps (unsigned for the
+    reason in the note on the 3x3 path)."""
+    u = np.uint64
+    return u(C), u(2 * C), u(3 * C), u(4 * C), u(5 * C), u(6 * C), u(7 * C), u(8 * C)
+
+
 @fast_kernel
 def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
     """yrow[ow*C:(ow+1)*C] = the 3x3 sum at output column ow (column stride sw), skipping taps outside [0, W)."""
@@ -260,13 +278,11 @@ def _forward3x3(y, x, wf, zero, pt, pl):
     hi = max(lo, min(OW, W - 2 + pl))
     u = np.uint64
     Cu = u(C)
-    m1, m2, m3, m4, m5, m6, m7, m8 = Cu, u(2 * C), u(3 * C), u(4 * C), u(5 * C), u(6 * C), u(7 * C), u(8 * C)
+    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
     for r in prange(N * OH):
         n = r // OH
         ih = r - n * OH - pt
-        a = xrows[n * H + ih] if 0 <= ih < H else zero
-        b = xrows[n * H + ih + 1] if 0 <= ih + 1 < H else zero
-        d = xrows[n * H + ih + 2] if 0 <= ih + 2 < H else zero
+        a, b, d = _three_rows(xrows, n * H, H, ih, zero)
         yrow = yrows[r]
         for ow in range(lo):
             _column3x3(yrow, a, b, d, wf, C, W, 1, pl, ow)
@@ -314,13 +330,11 @@ def _forward3x3s2(y, x, wf, zero, pt, pl):
     hi = max(lo, min(OW, (W - 3 + pl) // 2 + 1)) if W - 3 + pl >= 0 else lo
     u = np.uint64
     Cu = u(C)
-    m1, m2, m3, m4, m5, m6, m7, m8 = Cu, u(2 * C), u(3 * C), u(4 * C), u(5 * C), u(6 * C), u(7 * C), u(8 * C)
+    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
     for r in prange(N * OH):
         n = r // OH
         ih = (r - n * OH) * 2 - pt
-        a = xrows[n * H + ih] if 0 <= ih < H else zero
-        b = xrows[n * H + ih + 1] if 0 <= ih + 1 < H else zero
-        d = xrows[n * H + ih + 2] if 0 <= ih + 2 < H else zero
+        a, b, d = _three_rows(xrows, n * H, H, ih, zero)
         yrow = yrows[r]
         for ow in range(lo):
             _column3x3(yrow, a, b, d, wf, C, W, 2, pl, ow)
