@@ -254,16 +254,24 @@ def _channel_offsets(C):
 
 @fast_kernel
 def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
-    """yrow[ow*C:(ow+1)*C] = the 3x3 sum at output column ow (column stride sw), skipping taps outside [0, W)."""
-    dst = yrow[ow * C:(ow + 1) * C]
-    dst[:] = 0.0
+    """yrow[ow*C:(ow+1)*C] = the 3x3 sum at output column ow (column stride sw), skipping taps outside [0, W).
+
+    For the border columns. Unsigned offsets into whole rows, no slices: with a slice per tap (and signed
+    indices) a border column cost as much as ~15 interior columns, 2/3 of a 64x64x32 forward (112 vs 38 us per
+    image). The sum per tap is in the same order as before, so the output is bitwise the same.
+    """
+    u = np.uint64
+    Cu = u(C)
+    o = u(ow * C)
+    for c in range(u(0), Cu):
+        yrow[o + c] = 0.0
     for kw in range(3):
         iw = ow * sw - pl + kw
         if 0 <= iw < W:
-            xa, xb, xd = a[iw * C:(iw + 1) * C], b[iw * C:(iw + 1) * C], d[iw * C:(iw + 1) * C]
-            wa, wb, wd = wf[kw * C:(kw + 1) * C], wf[(3 + kw) * C:(4 + kw) * C], wf[(6 + kw) * C:(7 + kw) * C]
-            for c in range(C):
-                dst[c] += xa[c] * wa[c] + xb[c] * wb[c] + xd[c] * wd[c]
+            k = u(iw * C)
+            ka, kb, kd = u(kw * C), u((3 + kw) * C), u((6 + kw) * C)
+            for c in range(u(0), Cu):
+                yrow[o + c] += a[k + c] * wf[ka + c] + b[k + c] * wf[kb + c] + d[k + c] * wf[kd + c]
 
 
 @fast_sized_kernel
