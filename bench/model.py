@@ -569,6 +569,7 @@ def _public_kernel_calls():
         ("conv2d_backward_weight", lambda: conv.conv2d_backward_weight(y2, x, w3.shape, stride=2,
                                                                        padding="same")),
         ("conv2d_backward_bias", lambda: conv.conv2d_backward_bias(y2)),
+        ("im2col", lambda: conv.im2col(x, w3.shape, stride=2, padding="same")),
         ("depthwise_forward", lambda: dw.depthwise_forward(x, wd, padding="same")),
         ("depthwise_backward_input", lambda: dw.depthwise_backward_input(yd, wd, x.shape, padding="same")),
         ("depthwise_backward_weight", lambda: dw.depthwise_backward_weight(yd, x, wd.shape, padding="same")),

@@ -4,9 +4,9 @@ Shape legend:
     N batch, H W input size, C input channels, K output channels, KH KW kernel, OH OW output size,
     sh sw strides, pt pb pl pr zero padding top/bottom/left/right (from geometry.conv_geometry).
 
-Design: im2col + one GEMM. A parallel Numba loop copies each output pixel's receptive field into one row of
-``cols`` (N*OH*OW, KH*KW*C) with columns ordered (kh, kw, c), which is exactly the row order of
-``w.reshape(KH*KW*C, K)`` for HWIO weights, so
+Design: im2col + one GEMM. A Numba loop (parallel over output rows when large) copies each output pixel's
+receptive field into one row of ``cols`` (N*OH*OW, KH*KW*C) with columns ordered (kh, kw, c), which is exactly the
+row order of ``w.reshape(KH*KW*C, K)`` for HWIO weights, so
     forward          y2d   = cols @ w2d            (NOHOW, K)
     backward weight  dw2d  = cols.T @ dy2d         (KH*KW*C, K)
     backward input   dcols = dy2d @ w2d.T          (NOHOW, KH*KW*C), then col2im adds each entry back onto the input
@@ -14,40 +14,63 @@ Design: im2col + one GEMM. A parallel Numba loop copies each output pixel's rece
 The GEMMs run in NumPy's BLAS, called from Python: BLAS threads must not start inside a parallel Numba region.
 Padding is never materialised: im2col writes zeros for taps that fall in the padding, col2im skips them.
 col2im is written as a gather over input rows (n, ih), so each parallel iteration owns the rows it writes.
+The forward and the weight gradient accept ``cols`` from :func:`im2col`, so a layer can build it once per step.
 """
 import numpy as np
 from numba import prange
 
 from ._check import check_float_array, check_same_dtype, check_shape
-from ._jit import parallel_kernel
+from ._jit import parallel_kernel, sized_kernel
 from .geometry import conv_geometry, normalize_window
 from .pointwise import pointwise_backward_bias
 
 
-@parallel_kernel
+@sized_kernel
 def _im2col(cols, x, sh, sw, pt, pl):
     """cols[n, oh, ow, kh, kw, :] = x[n, oh*sh - pt + kh, ow*sw - pl + kw, :], or 0 in the padding.
 
-    cols: (N, OH, OW, KH, KW, C) output, written entirely; x: (N, H, W, C).
+    cols: (N, OH, OW, KH, KW, C) output, written entirely; x: (N, H, W, C), contiguous.
+    Rows are flattened and indexed with unsigned offsets, and a window row whose KW taps all lie inside the input
+    is one run of KW*C values, copied in one loop. With a slice per (ow, kh, kw), the input layer's im2col
+    (C = 3) paid more for the slices than for the copying.
     """
     N, OH, OW, KH, KW, C = cols.shape
     H, W = x.shape[1], x.shape[2]
+    crows = cols.reshape(N * OH, OW * KH * KW * C)
+    xrows = x.reshape(N * H, W * C)
+    u = np.uint64
+    Cu = u(C)
+    KC = u(KW * C)
     for r in prange(N * OH):
         n = r // OH
         oh = r - n * OH
+        dst = crows[r]
         for ow in range(OW):
+            iw0 = ow * sw - pl
+            inside = 0 <= iw0 and iw0 + KW <= W
             for kh in range(KH):
                 ih = oh * sh - pt + kh
+                o = u((ow * KH + kh) * KW) * Cu
+                if ih < 0 or ih >= H:
+                    for j in range(KC):
+                        dst[o + j] = 0.0
+                    continue
+                src = xrows[n * H + ih]
+                if inside:
+                    k = u(iw0) * Cu
+                    for j in range(KC):
+                        dst[o + j] = src[k + j]
+                    continue
                 for kw in range(KW):
-                    iw = ow * sw - pl + kw
-                    dst = cols[n, oh, ow, kh, kw]
-                    if 0 <= ih < H and 0 <= iw < W:
-                        src = x[n, ih, iw]
-                        for c in range(C):
-                            dst[c] = src[c]
+                    iw = iw0 + kw
+                    ok = o + u(kw) * Cu
+                    if 0 <= iw < W:
+                        k = u(iw) * Cu
+                        for c in range(Cu):
+                            dst[ok + c] = src[k + c]
                     else:
-                        for c in range(C):
-                            dst[c] = 0.0
+                        for c in range(Cu):
+                            dst[ok + c] = 0.0
 
 
 @parallel_kernel
@@ -110,11 +133,44 @@ def _cols(x, w_shape, g, stride):
     KH, KW = w_shape[0], w_shape[1]
     sh, sw = normalize_window((KH, KW), stride, "valid")[1]
     cols = np.empty((N, g.oh, g.ow, KH, KW, C), x.dtype)
-    _im2col(cols, np.ascontiguousarray(x), sh, sw, g.pt, g.pl)
+    _im2col(cols, np.ascontiguousarray(x), sh, sw, g.pt, g.pl, work=cols.size)
     return cols.reshape(N * g.oh * g.ow, KH * KW * C)  # (NOHOW, KH*KW*C)
 
 
-def conv2d_forward(x, w, b=None, *, stride=1, padding="valid"):
+def im2col(x, w_shape, *, stride=1, padding="valid"):
+    """The receptive fields of every output pixel, one per row: what the forward and the weight gradient multiply.
+
+    A layer can compute this once in the forward pass and hand it to :func:`conv2d_forward` and
+    :func:`conv2d_backward_weight` (``cols=``), so the backward pass does not rebuild it. Worth it when the rows
+    are short (the input layer: KH*KW*C = 27 values per output pixel against K = 32 outputs).
+
+    Args:
+        x: (N, H, W, C) float32 or float64, any strides.
+        w_shape: (KH, KW, C, K) of the weights.
+        stride, padding: as in :func:`conv2d_forward`.
+
+    Returns:
+        cols: (N*OH*OW, KH*KW*C), x's dtype; row (n*OH + oh)*OW + ow, column (kh*KW + kw)*C + c.
+    """
+    check_float_array("x", x, 4, "(N, H, W, C)")
+    w_shape = _check_shape_arg("w_shape", w_shape, "(KH, KW, C, K)")
+    _check_channels(x.shape, w_shape, "(KH, KW, C, K)")
+    g = conv_geometry(x.shape[1], x.shape[2], w_shape[:2], stride, padding)
+    return _cols(x, w_shape, g, stride)
+
+
+def _given_cols(cols, x, w_shape, g, stride):
+    """``cols`` checked against x and the geometry, or computed when None."""
+    if cols is None:
+        return _cols(x, w_shape, g, stride)
+    N, _, _, C = x.shape
+    check_float_array("cols", cols, 2, "(N*OH*OW, KH*KW*C)")
+    check_shape("cols", cols, (N * g.oh * g.ow, w_shape[0] * w_shape[1] * C))
+    check_same_dtype(x=x, cols=cols)
+    return cols
+
+
+def conv2d_forward(x, w, b=None, *, stride=1, padding="valid", cols=None):
     """Standard convolution (cross-correlation, as in every DL framework).
 
     y[n, oh, ow, k] = b[k] + sum_{kh, kw, c} x[n, oh*sh - pt + kh, ow*sw - pl + kw, c] * w[kh, kw, c, k]
@@ -125,6 +181,7 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding="valid"):
         b: optional bias (K,), same dtype.
         stride: int or (sh, sw).
         padding: 'same' (TensorFlow rule, odd pad bottom/right), 'valid', int or (ph, pw).
+        cols: optional ``im2col(x, w.shape, stride=stride, padding=padding)``, computed here when None.
 
     Returns:
         y: (N, OH, OW, K), x's dtype.
@@ -139,7 +196,7 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding="valid"):
     N, H, W, C = x.shape
     KH, KW, _, K = w.shape
     g = conv_geometry(H, W, (KH, KW), stride, padding)
-    cols = _cols(x, w.shape, g, stride)
+    cols = _given_cols(cols, x, w.shape, g, stride)
     y = np.empty((N, g.oh, g.ow, K), x.dtype)
     y2d = y.reshape(N * g.oh * g.ow, K)  # (NOHOW, K)
     np.matmul(cols, w.reshape(KH * KW * C, K), out=y2d)
@@ -176,7 +233,7 @@ def conv2d_backward_input(dy, w, x_shape, *, stride=1, padding="valid"):
     return dx
 
 
-def conv2d_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
+def conv2d_backward_weight(dy, x, w_shape, *, stride=1, padding="valid", cols=None):
     """Gradient of the loss with respect to the convolution's weights.
 
     Args:
@@ -184,6 +241,7 @@ def conv2d_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
         x: (N, H, W, C) forward input, same dtype.
         w_shape: (KH, KW, C, K) of the weights.
         stride, padding: as in the forward call.
+        cols: optional ``im2col(x, w_shape, stride=stride, padding=padding)``, computed here when None.
 
     Returns:
         dw: (KH, KW, C, K), dy's dtype.
@@ -196,7 +254,7 @@ def conv2d_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
     g = conv_geometry(H, W, (KH, KW), stride, padding)
     _check_dy(dy, (N, g.oh, g.ow, K), "(N, OH, OW, K)")
     check_same_dtype(dy=dy, x=x)
-    cols = _cols(x, w_shape, g, stride)
+    cols = _given_cols(cols, x, w_shape, g, stride)
     dy2d = np.ascontiguousarray(dy).reshape(N * g.oh * g.ow, K)  # (NOHOW, K)
     return (cols.T @ dy2d).reshape(w_shape)  # (KH*KW*C, NOHOW) @ (NOHOW, K)
 

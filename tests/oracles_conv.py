@@ -44,6 +44,14 @@ def _crop(xp, g, x_shape):
 
 # ---- standard convolution, w (KH, KW, C, K) ----
 
+def im2col(x, w_shape, stride=1, padding="valid"):
+    """Each output pixel's receptive field as one row (kh, kw, c order): (N*OH*OW, KH*KW*C), float64."""
+    g, cells = _windows(x.shape, w_shape, stride, padding)
+    xp = _padded(x, g)
+    rows = [xp[n, r, c, :].reshape(-1) for n in range(x.shape[0]) for _, _, r, c in cells]
+    return np.array(rows).reshape(x.shape[0] * g.oh * g.ow, w_shape[0] * w_shape[1] * x.shape[3])
+
+
 def conv2d_forward(x, w, b=None, stride=1, padding="valid"):
     g, cells = _windows(x.shape, w.shape, stride, padding)
     xp = _padded(x, g)

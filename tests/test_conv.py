@@ -5,7 +5,7 @@ from hypothesis import given
 
 import oracles_conv as oracle
 from gradcheck import assert_close, check_directional, check_grad
-from kernels.conv import conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+from kernels.conv import conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, conv2d_forward, im2col
 
 FULL_CHECK_MAX = 80  # x.size + w.size up to which every coordinate is checked by finite differences
 
@@ -87,6 +87,24 @@ def test_checker_catches_a_wrong_backward():
 
 # ---- bad input: each raises before any kernel runs, naming the argument ----
 
+@given(oracle.window_cases())
+def test_im2col_matches_oracle_and_saved_cols_give_the_same_bits(case):
+    """im2col copies exactly the oracle's receptive fields, and passing them back (as a layer does) changes no bit
+    of the forward or the weight gradient."""
+    rng, x, w, b = _inputs(case)
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    want = oracle.im2col(x, w.shape, **kw)
+    dy = rng.standard_normal(oracle.conv2d_forward(x, w, b, **kw).shape)
+    for dtype in (np.float64, np.float32):
+        xd, wd, bd, dyd = (a.astype(dtype) for a in (x, w, b, dy))
+        cols = im2col(xd, w.shape, **kw)
+        assert cols.dtype == dtype and cols.shape == want.shape
+        np.testing.assert_array_equal(cols, want.astype(dtype))
+        np.testing.assert_array_equal(conv2d_forward(xd, wd, bd, cols=cols, **kw), conv2d_forward(xd, wd, bd, **kw))
+        np.testing.assert_array_equal(conv2d_backward_weight(dyd, xd, w.shape, cols=cols, **kw),
+                                      conv2d_backward_weight(dyd, xd, w.shape, **kw))
+
+
 X = np.zeros((2, 5, 5, 3))
 W = np.zeros((3, 3, 3, 4))
 DY = np.zeros((2, 3, 3, 4))
@@ -115,6 +133,12 @@ DY = np.zeros((2, 3, 3, 4))
     (lambda: conv2d_backward_weight(DY[..., :2], X, W.shape), ValueError, ["dy", "(2, 3, 3, 4)"]),
     (lambda: conv2d_backward_weight(DY, X.astype(np.float32), W.shape), TypeError, ["dy=float64", "x=float32"]),
     (lambda: conv2d_backward_bias(DY[0]), ValueError, ["dy"]),
+    (lambda: conv2d_forward(X, W, cols=np.zeros((8, 27))), ValueError, ["cols", "(18, 27)", "(8, 27)"]),
+    (lambda: conv2d_forward(X, W, cols=np.zeros((18, 27), np.float32)), TypeError, ["x=float64", "cols=float32"]),
+    (lambda: conv2d_backward_weight(DY, X, W.shape, cols=np.zeros(27)), ValueError, ["cols", "2-D"]),
+    (lambda: im2col(X, (3, 3, 2, 4)), ValueError, ["w", "C=3"]),
+    (lambda: im2col(X, (3, 3, 3)), TypeError, ["w_shape", "(KH, KW, C, K)"]),
+    (lambda: im2col(X, W.shape, stride=0), ValueError, ["stride", ">= 1"]),
 ])
 def test_bad_input_raises_naming_the_argument(call, error, names):
     with pytest.raises(error) as info:

@@ -189,6 +189,28 @@ def test_model_rejects_wrong_input_shape_dtype_and_nan():
         model.forward([[1.0]])
 
 
+@pytest.mark.parametrize("out_channels, keeps", [(14, True), (13, False)])
+def test_conv_layer_keeps_im2col_rows_only_when_cheap_with_the_same_bits(out_channels, keeps):
+    """Conv2D keeps the forward's im2col rows for the weight gradient when a row (27 values here) is at most twice
+    an output pixel; either way its output and gradients are bitwise the kernels' own."""
+    from kernels import conv as conv_k
+
+    rng = np.random.default_rng(0)
+    layer = Conv2D(3, out_channels, 3, stride=2, padding="same", rng=rng, dtype=np.float32)
+    x = rng.standard_normal((2, 9, 9, 3)).astype(np.float32)
+    w = layer.params["kernel"]
+    y = layer.forward(x, training=True)
+    assert (layer._cache[1] is not None) == keeps
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx = layer.backward(dy, need_dx=True)
+    kw = dict(stride=2, padding="same")
+    np.testing.assert_array_equal(y, conv_k.conv2d_forward(x, w, **kw))
+    np.testing.assert_array_equal(layer.grads["kernel"], conv_k.conv2d_backward_weight(dy, x, w.shape, **kw))
+    np.testing.assert_array_equal(dx, conv_k.conv2d_backward_input(dy, w, x.shape, **kw))
+    layer.forward(x, training=False)
+    assert layer._cache is None
+
+
 def test_layer_rejects_wrong_channels_and_rank():
     conv = Conv2D(3, 4, 3, name="c")
     with pytest.raises(ValueError, match=r"layer 'c': input must have 3 channels"):

@@ -113,16 +113,28 @@ class Conv2D(_Conv):
 
     def forward(self, x, training=False):
         self._check_input(x, 4, self.in_channels)
-        y = conv_k.conv2d_forward(x, self.params["kernel"], self.params.get("bias"),
-                                  stride=self.stride, padding=self.padding)
-        self._cache = x if training else None
+        w = self.params["kernel"]
+        cols = None
+        if training and self._keeps_cols:
+            cols = conv_k.im2col(x, w.shape, stride=self.stride, padding=self.padding)
+        y = conv_k.conv2d_forward(x, w, self.params.get("bias"), stride=self.stride, padding=self.padding,
+                                  cols=cols)
+        self._cache = (x, cols) if training else None
         return y
 
+    @property
+    def _keeps_cols(self):
+        """Whether training keeps the forward's im2col rows for the weight gradient: when a row (KH*KW*C values)
+        is at most twice an output pixel (K values), so the saved rows cost at most twice the output's memory. The
+        input layer's 27-value rows qualify; the 288-value rows of a 3x3 conv from 32 channels would not."""
+        kh, kw = self.kernel_size
+        return kh * kw * self.in_channels <= 2 * self.out_channels
+
     def backward(self, dy, need_dx=True):
-        x = self._take_cache()
+        x, cols = self._take_cache()
         w = self.params["kernel"]
         self.grads["kernel"] += conv_k.conv2d_backward_weight(dy, x, w.shape, stride=self.stride,
-                                                              padding=self.padding)
+                                                              padding=self.padding, cols=cols)
         if "bias" in self.params:
             self.grads["bias"] += conv_k.conv2d_backward_bias(dy)
         if not need_dx:
