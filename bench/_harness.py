@@ -75,7 +75,7 @@ def reexec_for_benchmark(module):
 def environment_line():
     """The benchmark-relevant environment variables as they are in this process."""
     shown = [f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ]
-    for k in OPENBLAS_UNSET:
+    for k in (*OPENBLAS_UNSET, "OPENBLAS_THREAD_TIMEOUT"):
         shown.append(f"{k}={os.environ[k]}" if k in os.environ else f"{k} unset")
     return "; ".join(shown)
 

@@ -1,4 +1,5 @@
 """Architectures as data: MobileNet v1, VGG16 and a small CNN assembled from tinyconv layers."""
+import kernels  # noqa: F401  (first: it sets a BLAS thread default that only applies before NumPy loads)
 from models.mobilenet import MOBILENET_V1, SHALLOW_BLOCKS, Row, mobilenet_v1
 from models.small import small_cnn
 from models.vgg import VGG16, vgg16

@@ -273,3 +273,23 @@ def test_blas_override_note(tmp_path):
     assert blas_override_note({"OPENBLAS_CORETYPE": "SkylakeX"}, str(avx512)) is None
     assert blas_override_note({"OPENBLAS_CORETYPE": "Haswell"}, str(avx2)) is None
     assert blas_override_note({"OPENBLAS_CORETYPE": "Haswell"}, str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("package", ["tinyconv", "models", "kernels"])
+def test_blas_thread_default_is_set_before_numpy_loads(package):
+    """Each package sets OPENBLAS_THREAD_TIMEOUT before NumPy (and so OpenBLAS) loads, since OpenBLAS reads it only
+    then; a value the user set is kept."""
+    code = ("import os, sys\n"
+            "order = []\n"
+            "class Recorder:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        order.append(name)\n"
+            "sys.meta_path.insert(0, Recorder())\n"
+            f"import {package}\n"
+            "first = 'numpy' not in order or order.index('kernels') < order.index('numpy')\n"
+            "print(first, os.environ['OPENBLAS_THREAD_TIMEOUT'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
+                                     check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run(env).stdout.split() == ["True", "4"]
+    assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.split() == ["True", "20"]

@@ -2,6 +2,7 @@
 
 Importing compiles no kernel: each compiles on first use and is cached on disk.
 """
+import kernels  # noqa: F401  (first: it sets a BLAS thread default that only applies before NumPy loads)
 from tinyconv.layer import Layer
 from tinyconv.layers import (AvgPool2D, BatchNorm, BatchNormAct, Conv2D, DepthwiseConv2D, Dropout, Flatten,
                              GlobalAvgPool2D, Linear, MaxPool2D, PointwiseConv2D, ReLU, ReLU6, activation)
