@@ -74,6 +74,7 @@ def _forward(y, x, wt, sh, sw, pt, pl):
     KH, KW = wt.shape[0], wt.shape[1]
     yrows = y.reshape(N * OH, OW * C)
     xrows = x.reshape(N * H, W * C)
+    u = np.uint64
     for r in prange(N * OH):
         n = r // OH
         oh = r - n * OH
@@ -87,14 +88,12 @@ def _forward(y, x, wt, sh, sw, pt, pl):
             for kw in range(KW):
                 lo, hi = _tap_range(kw, pl, sw, W, OW)
                 runs, span = _runs(lo, hi, sw, C)
+                wv = wt[kh, kw]
                 for q in range(runs):
-                    yo = (lo + q) * C
-                    xo = ((lo + q) * sw - pl + kw) * C
-                    dst = yrow[yo:yo + span]
-                    src = xrow[xo:xo + span]
-                    wv = wt[kh, kw, yo:yo + span]
-                    for j in range(span):
-                        dst[j] += src[j] * wv[j]
+                    yo = u((lo + q) * C)
+                    xo = u(((lo + q) * sw - pl + kw) * C)
+                    for j in range(u(span)):
+                        yrow[yo + j] += xrow[xo + j] * wv[yo + j]
 
 
 @sized_kernel
@@ -108,6 +107,7 @@ def _backward_input(dx, dy, wt, sh, sw, pt, pl):
     KH, KW = wt.shape[0], wt.shape[1]
     dxrows = dx.reshape(N * H, W * C)
     dyrows = dy.reshape(N * OH, OW * C)
+    u = np.uint64
     for r in prange(N * H):
         n = r // H
         ih = r - n * H
@@ -121,14 +121,12 @@ def _backward_input(dx, dy, wt, sh, sw, pt, pl):
             for kw in range(KW):
                 lo, hi = _tap_range(kw, pl, sw, W, OW)
                 runs, span = _runs(lo, hi, sw, C)
+                wv = wt[kh, kw]
                 for q in range(runs):
-                    yo = (lo + q) * C
-                    xo = ((lo + q) * sw - pl + kw) * C
-                    dst = dxrow[xo:xo + span]
-                    src = dyrow[yo:yo + span]
-                    wv = wt[kh, kw, yo:yo + span]
-                    for j in range(span):
-                        dst[j] += src[j] * wv[j]
+                    yo = u((lo + q) * C)
+                    xo = u(((lo + q) * sw - pl + kw) * C)
+                    for j in range(u(span)):
+                        dxrow[xo + j] += dyrow[yo + j] * wv[yo + j]
 
 
 @sized_kernel
@@ -141,6 +139,7 @@ def _backward_weight(partial, dy, x, sh, sw, pt, pl):
     dyrows = dy.reshape(N * OH, OW * C)
     xrows = x.reshape(N * H, W * C)
     rows = N * OH
+    u = np.uint64
     for blk in prange(B):
         acc = partial[blk]  # (KH, KW, OW*C)
         acc[:] = 0.0
@@ -156,14 +155,12 @@ def _backward_weight(partial, dy, x, sh, sw, pt, pl):
                 for kw in range(KW):
                     lo, hi = _tap_range(kw, pl, sw, W, OW)
                     runs, span = _runs(lo, hi, sw, C)
+                    dst = acc[kh, kw]
                     for q in range(runs):
-                        yo = (lo + q) * C
-                        xo = ((lo + q) * sw - pl + kw) * C
-                        dst = acc[kh, kw, yo:yo + span]
-                        src = xrow[xo:xo + span]
-                        g = dyrow[yo:yo + span]
-                        for j in range(span):
-                            dst[j] += src[j] * g[j]
+                        yo = u((lo + q) * C)
+                        xo = u(((lo + q) * sw - pl + kw) * C)
+                        for j in range(u(span)):
+                            dst[yo + j] += xrow[xo + j] * dyrow[yo + j]
 
 
 @sized_kernel
@@ -178,7 +175,11 @@ def _backward_weight_cols(partial, dy, x, sh, sw, pt, pl):
     B, KH, KW = partial.shape[0], partial.shape[1], partial.shape[2]
     N, OH, OW, C = dy.shape
     H, W = x.shape[1], x.shape[2]
+    dyrows = dy.reshape(N * OH, OW * C)
+    xrows = x.reshape(N * H, W * C)
     rows = N * OH
+    u = np.uint64
+    Cu = u(C)
     for blk in prange(B):
         acc = partial[blk]  # (KH, KW, C)
         acc[:] = 0.0
@@ -189,14 +190,16 @@ def _backward_weight_cols(partial, dy, x, sh, sw, pt, pl):
                 ih = oh * sh - pt + kh
                 if ih < 0 or ih >= H:
                     continue
+                xrow = xrows[n * H + ih]
+                dyrow = dyrows[r]
                 for kw in range(KW):
                     lo, hi = _tap_range(kw, pl, sw, W, OW)
                     dst = acc[kh, kw]
                     for ow in range(lo, hi):
-                        src = x[n, ih, ow * sw - pl + kw]
-                        g = dy[n, oh, ow]
-                        for c in range(C):
-                            dst[c] += src[c] * g[c]
+                        xo = u((ow * sw - pl + kw) * C)
+                        yo = u(ow * C)
+                        for c in range(Cu):
+                            dst[c] += xrow[xo + c] * dyrow[yo + c]
 
 
 # ---- 3x3 stride-1 fast path (MobileNet's depthwise kernel; also its stride-1 input gradient) ----
