@@ -578,6 +578,8 @@ def _public_kernel_calls():
                                          dw.depthwise_forward(xw, ww, stride=2, padding="same"),
                                          dw.depthwise_backward_input(xw, ww, xw.shape, padding="same"),
                                          dw.depthwise_backward_weight(xw, xw, ww.shape, padding="same")]),
+        ("depthwise_backward", lambda: [dw.depthwise_backward(yd, x, wd, padding="same"),
+                                        dw.depthwise_backward(xw, xw, ww, padding="same")]),
         ("pointwise_forward", lambda: pw.pointwise_forward(x, wp)),
         ("pointwise_backward_input", lambda: pw.pointwise_backward_input(y4, wp)),
         ("pointwise_backward_weight", lambda: pw.pointwise_backward_weight(y4, x)),

@@ -19,6 +19,8 @@ vectorizes it; padding is handled by loop bounds (:func:`_tap_range`), never by 
                      does not depend on the thread count, so results are reproducible across machines.
 3x3 kernels (MobileNet's) have register-blocked paths, chosen by measured thresholds: stride 1 forward and input
 gradient (:func:`_forward3x3`, four columns per pass) and stride 2 forward (:func:`_forward3x3s2`, two columns).
+:func:`depthwise_backward` (what a layer calls) computes both gradients; on the stride-1 3x3 path in one pass over
+dy (:func:`_backward3x3`), bit for bit what the two separate calls give.
 The kernels are written for M == 1 (MobileNet's case). For M > 1 the wrappers repeat each input channel M times,
 (N, H, W, C) -> (N, H, W, C*M), which turns the op into an M == 1 depthwise conv over C*M channels; dx is summed
 back over the copies.
@@ -33,7 +35,7 @@ from .geometry import conv_geometry, normalize_window
 
 _WEIGHT_BLOCKS = 16  # partial sums in the weight gradient: enough blocks to balance up to 16 threads
 
-# From this many channels the weight gradient accumulates per column (:func:`_backward_weight_cols`). Measured
+# From this many channels the weight gradient accumulates per column (:func:`_weight_row_cols`). Measured
 # against the row-tiled accumulators, 3x3, 2 threads: 1.07-1.48x at 256-1024 channels (32x16x16x256 s2 0.29 vs
 # 0.39 ms, 32x4x4x1024 0.22 vs 0.32 ms), mixed at 128 (0.92-1.07x), 0.42-0.8x at 16-64 channels.
 _MIN_CHANNELS_WEIGHT_COLS = 256
@@ -129,77 +131,74 @@ def _backward_input(dx, dy, wt, sh, sw, pt, pl):
                         dxrow[xo + j] += dyrow[yo + j] * wv[yo + j]
 
 
-@sized_kernel
-def _backward_weight(partial, dy, x, sh, sw, pt, pl):
-    """partial: (B, KH, KW, OW*C) output, block b's sum over its share of output rows, still tiled along the row
-    (entry ow*C + c belongs to channel c); dy: (N, OH, OW, C); x: (N, H, W, C)."""
-    B, KH, KW = partial.shape[0], partial.shape[1], partial.shape[2]
-    N, OH, OW, C = dy.shape
-    H, W = x.shape[1], x.shape[2]
-    dyrows = dy.reshape(N * OH, OW * C)
-    xrows = x.reshape(N * H, W * C)
-    rows = N * OH
+@kernel
+def _weight_row(acc, dyrow, xrows, n, H, oh, sh, sw, pt, pl, W, OW, C):
+    """Add output row (n, oh)'s weight-gradient terms to acc (KH, KW, OW*C), tiled along the row (entry ow*C + c
+    belongs to channel c); dyrow (OW*C,) is dy[n, oh], xrows (N*H, W*C) the input rows."""
+    KH, KW = acc.shape[0], acc.shape[1]
     u = np.uint64
-    for blk in prange(B):
-        acc = partial[blk]  # (KH, KW, OW*C)
-        acc[:] = 0.0
-        for r in range(blk * rows // B, (blk + 1) * rows // B):
-            n = r // OH
-            oh = r - n * OH
-            dyrow = dyrows[r]
-            for kh in range(KH):
-                ih = oh * sh - pt + kh
-                if ih < 0 or ih >= H:
-                    continue
-                xrow = xrows[n * H + ih]
-                for kw in range(KW):
-                    lo, hi = _tap_range(kw, pl, sw, W, OW)
-                    runs, span = _runs(lo, hi, sw, C)
-                    dst = acc[kh, kw]
-                    for q in range(runs):
-                        yo = u((lo + q) * C)
-                        xo = u(((lo + q) * sw - pl + kw) * C)
-                        for j in range(u(span)):
-                            dst[yo + j] += xrow[xo + j] * dyrow[yo + j]
+    for kh in range(KH):
+        ih = oh * sh - pt + kh
+        if ih < 0 or ih >= H:
+            continue
+        xrow = xrows[n * H + ih]
+        for kw in range(KW):
+            lo, hi = _tap_range(kw, pl, sw, W, OW)
+            runs, span = _runs(lo, hi, sw, C)
+            dst = acc[kh, kw]
+            for q in range(runs):
+                yo = u((lo + q) * C)
+                xo = u(((lo + q) * sw - pl + kw) * C)
+                for j in range(u(span)):
+                    dst[yo + j] += xrow[xo + j] * dyrow[yo + j]
 
 
-@sized_kernel
-def _backward_weight_cols(partial, dy, x, sh, sw, pt, pl):
-    """The weight gradient with one (KH, KW, C) accumulator per block instead of a row-tiled one. partial:
-    (B, KH, KW, C) output; dy: (N, OH, OW, C); x: (N, H, W, C).
-
-    Each column is a run of C values, so this pays a loop start per column where :func:`_backward_weight` pays one
-    per row; in exchange its accumulator is OW times smaller. With many channels the runs are long anyway and
-    the row-tiled accumulator (KH*KW*OW*C values per block) no longer fits in L1.
-    """
-    B, KH, KW = partial.shape[0], partial.shape[1], partial.shape[2]
-    N, OH, OW, C = dy.shape
-    H, W = x.shape[1], x.shape[2]
-    dyrows = dy.reshape(N * OH, OW * C)
-    xrows = x.reshape(N * H, W * C)
-    rows = N * OH
+@kernel
+def _weight_row_cols(acc, dyrow, xrows, n, H, oh, sh, sw, pt, pl, W, OW, C):
+    """:func:`_weight_row` into a per-channel accumulator acc (KH, KW, C): one run of C values per column."""
+    KH, KW = acc.shape[0], acc.shape[1]
     u = np.uint64
     Cu = u(C)
+    for kh in range(KH):
+        ih = oh * sh - pt + kh
+        if ih < 0 or ih >= H:
+            continue
+        xrow = xrows[n * H + ih]
+        for kw in range(KW):
+            lo, hi = _tap_range(kw, pl, sw, W, OW)
+            dst = acc[kh, kw]
+            for ow in range(lo, hi):
+                xo = u((ow * sw - pl + kw) * C)
+                yo = u(ow * C)
+                for c in range(Cu):
+                    dst[c] += xrow[xo + c] * dyrow[yo + c]
+
+
+@sized_kernel
+def _backward_weight(partial, dy, x, sh, sw, pt, pl, per_column):
+    """partial: (B, KH, KW, L) output, block b's sum over its share of output rows; dy: (N, OH, OW, C);
+    x: (N, H, W, C).
+
+    L = OW*C (``per_column`` False): the accumulator is tiled along the row, entry ow*C + c belonging to channel c,
+    so a stride-1 tap is one long run per row. L = C (``per_column`` True): one accumulator per channel, a loop
+    start per column but OW times less accumulator; with many channels the runs are long anyway and the tiled
+    accumulator (KH*KW*OW*C values per block) no longer fits in L1.
+    """
+    B = partial.shape[0]
+    N, OH, OW, C = dy.shape
+    H, W = x.shape[1], x.shape[2]
+    dyrows = dy.reshape(N * OH, OW * C)
+    xrows = x.reshape(N * H, W * C)
+    rows = N * OH
     for blk in prange(B):
-        acc = partial[blk]  # (KH, KW, C)
+        acc = partial[blk]  # (KH, KW, L)
         acc[:] = 0.0
         for r in range(blk * rows // B, (blk + 1) * rows // B):
             n = r // OH
-            oh = r - n * OH
-            for kh in range(KH):
-                ih = oh * sh - pt + kh
-                if ih < 0 or ih >= H:
-                    continue
-                xrow = xrows[n * H + ih]
-                dyrow = dyrows[r]
-                for kw in range(KW):
-                    lo, hi = _tap_range(kw, pl, sw, W, OW)
-                    dst = acc[kh, kw]
-                    for ow in range(lo, hi):
-                        xo = u((ow * sw - pl + kw) * C)
-                        yo = u(ow * C)
-                        for c in range(Cu):
-                            dst[c] += xrow[xo + c] * dyrow[yo + c]
+            if per_column:
+                _weight_row_cols(acc, dyrows[r], xrows, n, H, r - n * OH, sh, sw, pt, pl, W, OW, C)
+            else:
+                _weight_row(acc, dyrows[r], xrows, n, H, r - n * OH, sh, sw, pt, pl, W, OW, C)
 
 
 # ---- 3x3 stride-1 fast path (MobileNet's depthwise kernel; also its stride-1 input gradient) ----
@@ -277,6 +276,49 @@ def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
                 yrow[o + c] += a[k + c] * wf[ka + c] + b[k + c] * wf[kb + c] + d[k + c] * wf[kd + c]
 
 
+@fast_kernel
+def _row3x3(yrow, a, b, d, wf, C, W, pl, lo, hi):
+    """One output row of the stride-1 3x3 conv: yrow (OW*C,) from input rows a, b, d (W*C,); interior columns
+    [lo, hi) four at a time, the others through :func:`_column3x3`."""
+    OW = yrow.shape[0] // C
+    u = np.uint64
+    Cu = u(C)
+    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
+    for ow in range(lo):
+        _column3x3(yrow, a, b, d, wf, C, W, 1, pl, ow)
+    ow = lo
+    while ow + 4 <= hi:
+        o0 = u(ow * C)
+        o1, o2, o3 = o0 + m1, o0 + m2, o0 + m3
+        k0 = u((ow - pl) * C)  # outputs j read columns j, j+1, j+2 of the 6 starting here
+        k1, k2, k3, k4, k5 = k0 + m1, k0 + m2, k0 + m3, k0 + m4, k0 + m5
+        for c in range(u(0), Cu):
+            v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
+            v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
+            v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
+            p0, p1, p2, p3, p4, p5 = a[c + k0], a[c + k1], a[c + k2], a[c + k3], a[c + k4], a[c + k5]
+            q0, q1, q2, q3, q4, q5 = b[c + k0], b[c + k1], b[c + k2], b[c + k3], b[c + k4], b[c + k5]
+            s0, s1, s2, s3, s4, s5 = d[c + k0], d[c + k1], d[c + k2], d[c + k3], d[c + k4], d[c + k5]
+            yrow[c + o0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
+                            + (s0 * v6 + s1 * v7 + s2 * v8))
+            yrow[c + o1] = ((p1 * v0 + p2 * v1 + p3 * v2) + (q1 * v3 + q2 * v4 + q3 * v5)
+                            + (s1 * v6 + s2 * v7 + s3 * v8))
+            yrow[c + o2] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
+                            + (s2 * v6 + s3 * v7 + s4 * v8))
+            yrow[c + o3] = ((p3 * v0 + p4 * v1 + p5 * v2) + (q3 * v3 + q4 * v4 + q5 * v5)
+                            + (s3 * v6 + s4 * v7 + s5 * v8))
+        ow += 4
+    for ow in range(ow, OW):
+        _column3x3(yrow, a, b, d, wf, C, W, 1, pl, ow)
+
+
+@kernel
+def _interior3x3(OW, W, pl):
+    """Interior output columns [lo, hi) of a stride-1 3x3 row: taps ow - pl + {0, 1, 2} all inside [0, W)."""
+    lo = min(OW, max(0, pl))
+    return lo, max(lo, min(OW, W - 2 + pl))
+
+
 @fast_sized_kernel
 def _forward3x3(y, x, wf, zero, pt, pl):
     """Stride-1 3x3 depthwise conv. y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C);
@@ -285,42 +327,53 @@ def _forward3x3(y, x, wf, zero, pt, pl):
     H, W = x.shape[1], x.shape[2]
     yrows = y.reshape(N * OH, OW * C)
     xrows = x.reshape(N * H, W * C)
-    lo = min(OW, max(0, pl))  # interior columns [lo, hi): taps ow - pl + {0, 1, 2} inside [0, W)
-    hi = max(lo, min(OW, W - 2 + pl))
-    u = np.uint64
-    Cu = u(C)
-    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
+    lo, hi = _interior3x3(OW, W, pl)
     for r in prange(N * OH):
         n = r // OH
-        ih = r - n * OH - pt
-        a, b, d = _three_rows(xrows, n * H, H, ih, zero)
-        yrow = yrows[r]
-        for ow in range(lo):
-            _column3x3(yrow, a, b, d, wf, C, W, 1, pl, ow)
-        ow = lo
-        while ow + 4 <= hi:
-            o0 = u(ow * C)
-            o1, o2, o3 = o0 + m1, o0 + m2, o0 + m3
-            k0 = u((ow - pl) * C)  # outputs j read columns j, j+1, j+2 of the 6 starting here
-            k1, k2, k3, k4, k5 = k0 + m1, k0 + m2, k0 + m3, k0 + m4, k0 + m5
-            for c in range(u(0), Cu):
-                v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
-                v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
-                v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
-                p0, p1, p2, p3, p4, p5 = a[c + k0], a[c + k1], a[c + k2], a[c + k3], a[c + k4], a[c + k5]
-                q0, q1, q2, q3, q4, q5 = b[c + k0], b[c + k1], b[c + k2], b[c + k3], b[c + k4], b[c + k5]
-                s0, s1, s2, s3, s4, s5 = d[c + k0], d[c + k1], d[c + k2], d[c + k3], d[c + k4], d[c + k5]
-                yrow[c + o0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
-                                + (s0 * v6 + s1 * v7 + s2 * v8))
-                yrow[c + o1] = ((p1 * v0 + p2 * v1 + p3 * v2) + (q1 * v3 + q2 * v4 + q3 * v5)
-                                + (s1 * v6 + s2 * v7 + s3 * v8))
-                yrow[c + o2] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
-                                + (s2 * v6 + s3 * v7 + s4 * v8))
-                yrow[c + o3] = ((p3 * v0 + p4 * v1 + p5 * v2) + (q3 * v3 + q4 * v4 + q5 * v5)
-                                + (s3 * v6 + s4 * v7 + s5 * v8))
-            ow += 4
-        for ow in range(ow, OW):
-            _column3x3(yrow, a, b, d, wf, C, W, 1, pl, ow)
+        a, b, d = _three_rows(xrows, n * H, H, r - n * OH - pt, zero)
+        _row3x3(yrows[r], a, b, d, wf, C, W, pl, lo, hi)
+
+
+@sized_kernel
+def _backward3x3(dx, partial, dy, x, wf, zero, pt, pl, per_column, one):
+    """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
+    partial: (B, KH, KW, L) output as in :func:`_backward_weight`; dy: (N, OH, OW, C); x: (N, H, W, C);
+    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; zero: (OW*C,) zeros; one: the int 1,
+    the stride, passed in because a literal 1 in the call made Numba compile :func:`_weight_row` for a literal
+    type, and that version ran 4x slower.
+
+    Block b computes its weight-gradient rows (the same rows, in the same order, as :func:`_backward_weight`) and
+    input-gradient rows (each as in :func:`_forward3x3` on dy with the flipped kernel), interleaved row by row:
+    with 'same' padding the dy rows that input row i reads are the ones the weight gradient just read, so dy comes
+    from memory once instead of twice. Every value is computed exactly as by the two separate kernels.
+    """
+    B = partial.shape[0]
+    N, OH, OW, C = dy.shape
+    H, W = x.shape[1], x.shape[2]
+    dyrows = dy.reshape(N * OH, OW * C)
+    xrows = x.reshape(N * H, W * C)
+    dxrows = dx.reshape(N * H, W * C)
+    qt, ql = 2 - pt, 2 - pl  # dx is the 3x3 conv of dy with the flipped kernel and this padding
+    lo, hi = _interior3x3(W, OW, ql)
+    rows, in_rows = N * OH, N * H
+    for blk in prange(B):
+        acc = partial[blk]  # (KH, KW, L)
+        acc[:] = 0.0
+        r0, r1 = blk * rows // B, (blk + 1) * rows // B
+        i0, i1 = blk * in_rows // B, (blk + 1) * in_rows // B
+        for j in range(max(r1 - r0, i1 - i0)):
+            r = r0 + j
+            if r < r1:
+                n = r // OH
+                if per_column:
+                    _weight_row_cols(acc, dyrows[r], xrows, n, H, r - n * OH, one, one, pt, pl, W, OW, C)
+                else:
+                    _weight_row(acc, dyrows[r], xrows, n, H, r - n * OH, one, one, pt, pl, W, OW, C)
+            i = i0 + j
+            if i < i1:
+                n = i // H
+                a, b, d = _three_rows(dyrows, n * OH, OH, i - n * H - qt, zero)
+                _row3x3(dxrows[i], a, b, d, wf, C, OW, ql, lo, hi)
 
 
 @fast_sized_kernel
@@ -464,6 +517,42 @@ def depthwise_backward_input(dy, w, x_shape, *, stride=1, padding="valid"):
     return dx if M == 1 else dx.reshape(N, H, W, C, M).sum(axis=4)  # (N, H, W, C)
 
 
+def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
+    """Both gradients at once: what a layer's backward pass needs.
+
+    Equal bit for bit to :func:`depthwise_backward_weight` and :func:`depthwise_backward_input`. Where the input
+    gradient takes the stride-1 3x3 kernel, one fused pass (:func:`_backward3x3`) computes both and reads dy once.
+
+    Args:
+        dy: (N, OH, OW, C*M) upstream gradient, float32 or float64, any strides.
+        x: (N, H, W, C) forward input, same dtype.
+        w: (KH, KW, C, M), same dtype.
+        stride, padding: as in the forward call.
+        need_dx: False to skip the input gradient (the first layer of a network).
+
+    Returns:
+        (dx, dw): dx (N, H, W, C) or None when ``need_dx`` is False; dw (KH, KW, C, M); dy's dtype.
+    """
+    check_float_array("x", x, 4, "(N, H, W, C)")
+    _check_w(w)
+    _check_channels(x.shape, w.shape, _W_LEGEND)
+    N, H, W, C = x.shape
+    KH, KW, _, M = w.shape
+    g = conv_geometry(H, W, (KH, KW), stride, padding)
+    sh, sw = normalize_window((KH, KW), stride, padding)[1]
+    _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
+    check_same_dtype(dy=dy, x=x, w=w)
+    if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W, C)):
+        dw = depthwise_backward_weight(dy, x, w.shape, stride=stride, padding=padding)
+        return (depthwise_backward_input(dy, w, x.shape, stride=stride, padding=padding) if need_dx else None), dw
+    per_column = C >= _MIN_CHANNELS_WEIGHT_COLS
+    partial = np.empty((min(_WEIGHT_BLOCKS, N * g.oh), KH, KW, (1 if per_column else g.ow) * C), dy.dtype)
+    dx = np.empty(x.shape, dy.dtype)
+    _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]),
+                 np.zeros(g.ow * C, dy.dtype), g.pt, g.pl, per_column, 1, work=_work(dy))
+    return dx, _weight_sum(partial, w.shape, g.ow, per_column)
+
+
 def depthwise_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
     """Gradient of the loss with respect to the depthwise convolution's weights.
 
@@ -486,11 +575,16 @@ def depthwise_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x)
     blocks = min(_WEIGHT_BLOCKS, N * g.oh)
-    if C * M >= _MIN_CHANNELS_WEIGHT_COLS:
-        partial = np.empty((blocks, KH, KW, C * M), dy.dtype)  # (B, KH, KW, C*M)
-        _backward_weight_cols(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl,
-                              work=_work(dy))
-        return partial.sum(axis=0).reshape(KH, KW, C, M)  # (KH, KW, C, M)
-    partial = np.empty((blocks, KH, KW, g.ow * C * M), dy.dtype)  # (B, KH, KW, OW*C*M)
-    _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, work=_work(dy))
-    return partial.sum(axis=0).reshape(KH, KW, g.ow, C, M).sum(axis=2)  # (KH, KW, C, M)
+    per_column = C * M >= _MIN_CHANNELS_WEIGHT_COLS
+    partial = np.empty((blocks, KH, KW, (1 if per_column else g.ow) * C * M), dy.dtype)  # (B, KH, KW, L)
+    _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, per_column,
+                     work=_work(dy))
+    return _weight_sum(partial, (KH, KW, C, M), g.ow, per_column)
+
+
+def _weight_sum(partial, w_shape, OW, per_column):
+    """dw (KH, KW, C, M) from the blocks' partial sums (B, KH, KW, L) of :func:`_backward_weight`."""
+    KH, KW, C, M = w_shape
+    if per_column:
+        return partial.sum(axis=0).reshape(KH, KW, C, M)
+    return partial.sum(axis=0).reshape(KH, KW, OW, C, M).sum(axis=2)

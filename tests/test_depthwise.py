@@ -8,7 +8,7 @@ from hypothesis import given
 import oracles_conv as oracle
 from gradcheck import assert_close, check_directional, check_grad
 from kernels.conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
-from kernels.depthwise import depthwise_backward_input, depthwise_backward_weight, depthwise_forward
+from kernels.depthwise import depthwise_backward, depthwise_backward_input, depthwise_backward_weight, depthwise_forward
 
 FULL_CHECK_MAX = 80  # x.size + w.size up to which every coordinate is checked by finite differences
 
@@ -115,9 +115,58 @@ def test_3x3_stride1_fast_path_matches_oracle(H, W, C, M, padding, threads):
         assert_close(depthwise_forward(x, w, **kw), y, rtol=1e-12, name="y")
         dx = depthwise_backward_input(dy, w, x.shape, **kw)
         assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, **kw), rtol=1e-12, name="dx")
+        dw = depthwise_backward_weight(dy, x, w.shape, **kw)
+        assert_close(dw, oracle.depthwise_backward_weight(dy, x, w.shape, **kw), rtol=1e-12, name="dw")
+        for dtype in (np.float64, np.float32):  # the fused pass gives both gradients bit for bit
+            xd, wd, dyd = x.astype(dtype), w.astype(dtype), dy.astype(dtype)
+            both = depthwise_backward(dyd, xd, wd, **kw)
+            np.testing.assert_array_equal(both[0], depthwise_backward_input(dyd, wd, x.shape, **kw))
+            np.testing.assert_array_equal(both[1], depthwise_backward_weight(dyd, xd, w.shape, **kw))
         y32 = depthwise_forward(x.astype(np.float32), w.astype(np.float32), **kw)
     assert y32.dtype == np.float32
     assert_close(y32, y, rtol=1e-4, atol_floor=1e-4, name="y float32")
+
+
+@pytest.mark.parametrize("N, H, W, C, padding", [
+    (3, 5, 16, 32, "same"),      # the row blocks split input rows and output rows alike
+    (2, 7, 20, 256, 1),          # per-column weight accumulators inside the fused pass
+    (3, 6, 17, 40, "valid"),     # fewer output rows than input rows: the two kinds of rows split differently
+    (2, 4, 16, 33, (3, 0)),      # more output rows than input rows
+])
+def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding):
+    """depthwise_backward's one-pass stride-1 3x3 kernel against the two separate gradient calls and the oracle."""
+    from kernels import depthwise
+    assert depthwise._use_3x3(3, 3, 1, 1, W, C)
+    rng = np.random.default_rng(N * H * W + C)
+    x, w = rng.standard_normal((N, H, W, C)), rng.standard_normal((3, 3, C, 1))
+    kw = dict(stride=1, padding=padding)
+    dy = rng.standard_normal(oracle.depthwise_forward(x, w, **kw).shape)
+    for threads in ("all", "one"):
+        with (oracle.one_numba_thread() if threads == "one" else contextlib.nullcontext()):
+            dx, dw = depthwise_backward(dy, x, w, **kw)
+            np.testing.assert_array_equal(dx, depthwise_backward_input(dy, w, x.shape, **kw))
+            np.testing.assert_array_equal(dw, depthwise_backward_weight(dy, x, w.shape, **kw))
+    assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, **kw), rtol=1e-12, name="dx")
+    assert_close(dw, oracle.depthwise_backward_weight(dy, x, w.shape, **kw), rtol=1e-12, name="dw")
+    none, dw_only = depthwise_backward(dy, x, w, need_dx=False, **kw)
+    assert none is None
+    np.testing.assert_array_equal(dw_only, dw)
+
+
+@given(oracle.window_cases(depthwise=True))
+def test_backward_of_both_equals_the_separate_calls(case):
+    """On every geometry (where the fused kernel does not apply, it calls the two kernels) and dtype."""
+    rng = np.random.default_rng(case["seed"])
+    x = oracle.make_array(rng, (case["N"], case["H"], case["W"], case["C"]), case["layout"])
+    w = oracle.make_array(rng, (case["KH"], case["KW"], case["C"], case["M"]), case["layout"])
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    dy = rng.standard_normal(oracle.depthwise_forward(x, w, **kw).shape)
+    for dtype in (np.float64, np.float32):
+        xd, wd, dyd = x.astype(dtype), w.astype(dtype), dy.astype(dtype)
+        dx, dw = depthwise_backward(dyd, xd, wd, **kw)
+        assert dx.dtype == dw.dtype == dtype
+        np.testing.assert_array_equal(dx, depthwise_backward_input(dyd, wd, x.shape, **kw))
+        np.testing.assert_array_equal(dw, depthwise_backward_weight(dyd, xd, w.shape, **kw))
 
 
 def test_3x3_fast_path_is_not_used_where_it_measured_slower():
@@ -210,6 +259,10 @@ DY = np.zeros((2, 3, 3, 6))
     (lambda: depthwise_backward_weight(DY, X, (3, 3, 2, 2)), ValueError, ["w", "C=3"]),
     (lambda: depthwise_backward_weight(DY[:, :1], X, W.shape), ValueError, ["dy", "(2, 3, 3, 6)"]),
     (lambda: depthwise_backward_weight(DY, X.astype(np.float32), W.shape), TypeError, ["dy=float64", "x=float32"]),
+    (lambda: depthwise_backward(DY[:, :2], X, W), ValueError, ["dy", "(2, 3, 3, 6)"]),
+    (lambda: depthwise_backward(DY, X, W.astype(np.float32)), TypeError, ["w=float32"]),
+    (lambda: depthwise_backward(DY, X, np.zeros((3, 3, 4, 2))), ValueError, ["w", "C=3"]),
+    (lambda: depthwise_backward(DY, X[0], W), ValueError, ["x", "(N, H, W, C)"]),
 ])
 def test_bad_input_raises_naming_the_argument(call, error, names):
     with pytest.raises(error) as info:

@@ -181,14 +181,12 @@ class DepthwiseConv2D(_Conv):
 
     def backward(self, dy, need_dx=True):
         x = self._take_cache()
-        w = self.params["depthwise_kernel"]
-        self.grads["depthwise_kernel"] += dw_k.depthwise_backward_weight(dy, x, w.shape, stride=self.stride,
-                                                                         padding=self.padding)
+        dx, dw = dw_k.depthwise_backward(dy, x, self.params["depthwise_kernel"], stride=self.stride,
+                                         padding=self.padding, need_dx=need_dx)
+        self.grads["depthwise_kernel"] += dw
         if "bias" in self.params:
             self.grads["bias"] += dy.sum(axis=(0, 1, 2))
-        if not need_dx:
-            return None
-        return dw_k.depthwise_backward_input(dy, w, x.shape, stride=self.stride, padding=self.padding)
+        return dx
 
     @property
     def _macs_per_output(self):
