@@ -64,14 +64,29 @@ def _stats_kernel(count_out, mean_out, m2_out, x, block_rows):
             block_m2[:] = 0.0
             for c in range(c_size):
                 block_center[c] = x[b0, c]  # shift by a sample: the sum in x's dtype then runs on deviations
-            for i in range(b0, b1):
+            i = b0
+            while i + 4 <= b1:  # four rows per pass over the channels, each channel's sum still row by row
+                x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+                for c in range(c_size):
+                    ctr = block_center[c]
+                    block_sum[c] = (((block_sum[c] + (x0[c] - ctr)) + (x1[c] - ctr)) + (x2[c] - ctr)) + (x3[c] - ctr)
+                i += 4
+            for i in range(i, b1):
                 for c in range(c_size):
                     block_sum[c] += x[i, c] - block_center[c]
             for c in range(c_size):
                 mean_b = block_center[c] + np.float64(block_sum[c]) / n_b
                 block_mean[c] = mean_b
                 block_center[c] = mean_b
-            for i in range(b0, b1):
+            i = b0
+            while i + 4 <= b1:
+                x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+                for c in range(c_size):
+                    ctr = block_center[c]
+                    d0, d1, d2, d3 = x0[c] - ctr, x1[c] - ctr, x2[c] - ctr, x3[c] - ctr
+                    block_m2[c] = (((block_m2[c] + d0 * d0) + d1 * d1) + d2 * d2) + d3 * d3
+                i += 4
+            for i in range(i, b1):
                 for c in range(c_size):
                     d = x[i, c] - block_center[c]
                     block_m2[c] += d * d

@@ -289,7 +289,11 @@ def test_blas_thread_default_is_set_before_numpy_loads(package):
             "first = 'numpy' not in order or order.index('kernels') < order.index('numpy')\n"
             "print(first, os.environ['OPENBLAS_THREAD_TIMEOUT'])\n")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,  # noqa: E731
-                                     check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(env):
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                              cwd=root)
+
     assert run(env).stdout.split() == ["True", "4"]
     assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.split() == ["True", "20"]
