@@ -4,13 +4,18 @@ Each module holds one op family with its forward and backward side by side. Impo
 kernel compiles on its first call and is cached on disk.
 
 Importing this package sets one default for NumPy's BLAS, which runs the 1x1 convolutions' GEMMs between our
-kernels: ``OPENBLAS_THREAD_TIMEOUT=4`` (unless already set). OpenBLAS's worker threads otherwise spin for 2^28 cycles
-(~0.1 s) after every GEMM before sleeping, and on a machine with few cores a spinning BLAS worker takes a core from
-the Numba kernels that run next. Measured on the 2-core machine, median training step, 6 alternating runs each:
-MobileNet 1.0/128 batch 32 330 -> 256 ms, 0.5/128 159 -> 122 ms, 0.5/32 batch 128 39.8 -> 36.8 ms. OpenBLAS reads
-the variable when it loads, so the default only applies if NumPy is not imported yet (``tinyconv`` imports this
-package first; a script that imports NumPy before tinyconv should set the variable itself).
+kernels: ``OPENBLAS_THREAD_TIMEOUT=18`` (unless already set), so OpenBLAS's idle workers spin for 2^18 cycles
+(~0.1 ms) after a GEMM before sleeping, instead of OpenBLAS's default 2^28 (~0.1 s). A worker spinning that long
+takes a core from the parallel Numba kernels that run next; one that sleeps at once (2^4) must be woken for every
+GEMM, which costs the small-batch Fashion-MNIST network more than the spinning did. Measured on the 2-core
+machine, alternating runs, medians:
+    training step 0.5/128 batch 32:  2^28 159 ms, 2^4 122, 2^18 121 (6 runs); again 153, 133, 132 (4 runs)
+    training step 1.0/128 batch 32:  2^28 330 ms, 2^4 256, 2^18 266 (6 runs)
+    Fashion-MNIST training epoch:    2^28 22.7 s, 2^4 25.6, 2^18 21.7 (3 runs; 2^4 was slower than 2^28 in 3 of
+                                     3 further pairs)
+OpenBLAS reads the variable when it loads, so the default only applies if NumPy is not imported yet (``tinyconv``
+and ``models`` import this package first; a script that imports NumPy before them should set it itself).
 """
 import os as _os
 
-_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")

@@ -295,5 +295,5 @@ def test_blas_thread_default_is_set_before_numpy_loads(package):
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                               cwd=root)
 
-    assert run(env).stdout.split() == ["True", "4"]
+    assert run(env).stdout.split() == ["True", "18"]
     assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.split() == ["True", "20"]
