@@ -29,7 +29,8 @@ import numpy as np
 from numba import prange
 
 from ._check import check_float_array, check_same_dtype
-from ._jit import fast_kernel, fast_sized_kernel, kernel, sized_kernel
+from . import _jit
+from ._jit import fast_kernel, fast_sized_kernel, kernel, parallel_kernel, sized_kernel
 from .conv import _check_channels, _check_dy, _check_shape_arg
 from .geometry import conv_geometry, normalize_window
 
@@ -336,7 +337,7 @@ def _forward3x3(y, x, wf, zero, pt, pl):
         _row3x3(yrows[r], a, b, d, wf, C, W, pl, lo, hi)
 
 
-@sized_kernel
+@parallel_kernel
 def _backward3x3(dx, partial, dy, x, wf, zero, pt, pl, per_column, one):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
     partial: (B, KH, KW, L) output as in :func:`_backward_weight`; dy: (N, OH, OW, C); x: (N, H, W, C);
@@ -347,7 +348,9 @@ def _backward3x3(dx, partial, dy, x, wf, zero, pt, pl, per_column, one):
     Block b computes its weight-gradient rows (the same rows, in the same order, as :func:`_backward_weight`) and
     input-gradient rows (each as in :func:`_forward3x3` on dy with the flipped kernel), interleaved row by row:
     with 'same' padding the dy rows that input row i reads are the ones the weight gradient just read, so dy comes
-    from memory once instead of twice. Every value is computed exactly as by the two separate kernels.
+    from memory once instead of twice. Every value is computed exactly as by the two separate kernels. Compiled
+    parallel only (it serves large maps, see :func:`depthwise_backward`): a serial build would add its own
+    compile time to a cold start for maps that stay in cache between two separate passes anyway.
     """
     B = partial.shape[0]
     N, OH, OW, C = dy.shape
@@ -524,7 +527,9 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     """Both gradients at once: what a layer's backward pass needs.
 
     Equal bit for bit to :func:`depthwise_backward_weight` and :func:`depthwise_backward_input`. Where the input
-    gradient takes the stride-1 3x3 kernel, one fused pass (:func:`_backward3x3`) computes both and reads dy once.
+    gradient takes the stride-1 3x3 kernel and the map is large enough to run in parallel (``TINYCONV_PARALLEL_MIN``),
+    one fused pass (:func:`_backward3x3`) computes both and reads dy once; smaller maps stay in cache between the two
+    separate passes anyway.
 
     Args:
         dy: (N, OH, OW, C*M) upstream gradient, float32 or float64, any strides.
@@ -545,14 +550,14 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x, w=w)
-    if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W, C)):
+    if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W, C) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
         dw = depthwise_backward_weight(dy, x, w.shape, stride=stride, padding=padding)
         return (depthwise_backward_input(dy, w, x.shape, stride=stride, padding=padding) if need_dx else None), dw
     per_column = C >= _MIN_CHANNELS_WEIGHT_COLS
     partial = np.empty((min(_WEIGHT_BLOCKS, N * g.oh), KH, KW, (1 if per_column else g.ow) * C), dy.dtype)
     dx = np.empty(x.shape, dy.dtype)
     _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]),
-                 np.zeros(g.ow * C, dy.dtype), g.pt, g.pl, per_column, 1, work=_work(dy))
+                 np.zeros(g.ow * C, dy.dtype), g.pt, g.pl, per_column, 1)
     return dx, _weight_sum(partial, w.shape, g.ow, per_column)
 
 

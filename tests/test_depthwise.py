@@ -133,10 +133,13 @@ def test_3x3_stride1_fast_path_matches_oracle(H, W, C, M, padding, threads):
     (3, 6, 17, 40, "valid"),     # fewer output rows than input rows: the two kinds of rows split differently
     (2, 4, 16, 33, (3, 0)),      # more output rows than input rows
 ])
-def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding):
+def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding, monkeypatch):
     """depthwise_backward's one-pass stride-1 3x3 kernel against the two separate gradient calls and the oracle."""
-    from kernels import depthwise
+    from kernels import _jit, depthwise
     assert depthwise._use_3x3(3, 3, 1, 1, W, C)
+    monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)  # these small maps take the fused kernel too
+    fused, calls = depthwise._backward3x3, []
+    monkeypatch.setattr(depthwise, "_backward3x3", lambda *a: calls.append(1) or fused(*a))
     rng = np.random.default_rng(N * H * W + C)
     x, w = rng.standard_normal((N, H, W, C)), rng.standard_normal((3, 3, C, 1))
     kw = dict(stride=1, padding=padding)
@@ -148,6 +151,7 @@ def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding
             np.testing.assert_array_equal(dw, depthwise_backward_weight(dy, x, w.shape, **kw))
     assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, **kw), rtol=1e-12, name="dx")
     assert_close(dw, oracle.depthwise_backward_weight(dy, x, w.shape, **kw), rtol=1e-12, name="dw")
+    assert len(calls) == 2, "the fused kernel ran on all threads and on one"
     none, dw_only = depthwise_backward(dy, x, w, need_dx=False, **kw)
     assert none is None
     np.testing.assert_array_equal(dw_only, dw)
