@@ -553,8 +553,7 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W, C) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
         dw = depthwise_backward_weight(dy, x, w.shape, stride=stride, padding=padding)
         return (depthwise_backward_input(dy, w, x.shape, stride=stride, padding=padding) if need_dx else None), dw
-    per_column = C >= _MIN_CHANNELS_WEIGHT_COLS
-    partial = np.empty((min(_WEIGHT_BLOCKS, N * g.oh), KH, KW, (1 if per_column else g.ow) * C), dy.dtype)
+    partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype)
     dx = np.empty(x.shape, dy.dtype)
     _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]),
                  np.zeros(g.ow * C, dy.dtype), g.pt, g.pl, per_column, 1)
@@ -582,12 +581,18 @@ def depthwise_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x)
-    blocks = min(_WEIGHT_BLOCKS, N * g.oh)
-    per_column = C * M >= _MIN_CHANNELS_WEIGHT_COLS
-    partial = np.empty((blocks, KH, KW, (1 if per_column else g.ow) * C * M), dy.dtype)  # (B, KH, KW, L)
+    partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C * M, dy.dtype)
     _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, per_column,
                      work=_work(dy))
     return _weight_sum(partial, (KH, KW, C, M), g.ow, per_column)
+
+
+def _weight_partials(rows, KH, KW, OW, channels, dtype):
+    """The blocks' accumulators for :func:`_backward_weight` over ``rows`` output rows, (B, KH, KW, L), and whether
+    they are per channel (L = channels, from :data:`_MIN_CHANNELS_WEIGHT_COLS` on) or tiled along the row
+    (L = OW*channels)."""
+    per_column = channels >= _MIN_CHANNELS_WEIGHT_COLS
+    return np.empty((min(_WEIGHT_BLOCKS, rows), KH, KW, (1 if per_column else OW) * channels), dtype), per_column
 
 
 def _weight_sum(partial, w_shape, OW, per_column):
