@@ -154,10 +154,12 @@ def engine_info():
     lines = []
     if _ENGINE == "tinyconv":
         import numba
+        from kernels import _alloc
         lines.append(f"tinyconv worker: NumPy {np.__version__}; BLAS: {blas_description()}; Numba "
                      f"{numba.__version__}: {numba.get_num_threads()} threads, threading layer {_numba_layer()}; "
                      f"fastmath {os.environ.get('TINYCONV_FASTMATH', '0') == '1'}; OMP_WAIT_POLICY "
-                     f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; torch imported: {imported('torch')}")
+                     f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; allocator default: {_alloc.status}; torch imported: "
+                     f"{imported('torch')}")
     if _ENGINE == "torch":
         import torch
         lines.append(f"torch worker: PyTorch {torch.__version__}: {torch.get_num_threads()} threads, CPU "

@@ -15,7 +15,14 @@ machine, alternating runs, medians:
                                      3 further pairs)
 OpenBLAS reads the variable when it loads, so the default only applies if NumPy is not imported yet (``tinyconv``
 and ``models`` import this package first; a script that imports NumPy before them should set it itself).
+
+It also tells glibc's allocator to keep freed memory for reuse (:mod:`kernels._alloc`): every wrapper allocates
+its output, and without this each training step page-faults its activations back in.
 """
 import os as _os
 
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
+
+from kernels import _alloc  # noqa: E402
+
+_alloc.keep_freed_memory()

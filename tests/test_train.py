@@ -297,3 +297,44 @@ def test_blas_thread_default_is_set_before_numpy_loads(package):
 
     assert run(env).stdout.split() == ["True", "18"]
     assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.split() == ["True", "20"]
+
+
+def test_allocator_decision_respects_the_user():
+    """The allocator is left alone when the user opted out or set glibc's own malloc variables."""
+    from kernels._alloc import reason_to_skip
+    assert "TINYCONV_KEEP_FREED_MEMORY=0" in reason_to_skip({"TINYCONV_KEEP_FREED_MEMORY": "0"})
+    assert "MALLOC_MMAP_THRESHOLD_" in reason_to_skip({"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert "MALLOC_TRIM_THRESHOLD_" in reason_to_skip({"MALLOC_TRIM_THRESHOLD_": "0"})
+    assert "GLIBC_TUNABLES" in reason_to_skip({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})
+    if os.confstr("CS_GNU_LIBC_VERSION"):
+        assert reason_to_skip({}) is None
+        assert reason_to_skip({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}) is None
+
+
+@pytest.mark.skipif(not (hasattr(os, "confstr") and os.confstr("CS_GNU_LIBC_VERSION")), reason="glibc only")
+def test_large_arrays_come_from_the_heap_after_import():
+    """After ``import kernels`` a 64 MiB array is carved from the heap (reused after free, no page faults on the
+    next step) instead of a mapping of its own; the opt-out and a user's own malloc variable leave glibc's
+    default, which maps it."""
+    code = ("import kernels, numpy as np\n"
+            "from kernels import _alloc\n"
+            "a = np.empty(64 << 20, np.uint8)\n"
+            "addr = a.ctypes.data\n"
+            "heap = [tuple(int(v, 16) for v in line.split()[0].split('-'))\n"
+            "        for line in open('/proc/self/maps') if line.rstrip().endswith('[heap]')]\n"
+            "print(any(lo <= addr < hi for lo, hi in heap), _alloc.status.replace(' ', '_'))\n")
+    drop = ("TINYCONV_KEEP_FREED_MEMORY", "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+            "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(extra):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                             check=True, cwd=root).stdout.split()
+        return out[0] == "True", out[1]
+
+    assert run({}) == (True, "set")
+    in_heap, status = run({"TINYCONV_KEEP_FREED_MEMORY": "0"})
+    assert not in_heap and status.startswith("off")
+    in_heap, status = run({"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert not in_heap and status.startswith("left_to_the_user")
