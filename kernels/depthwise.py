@@ -18,13 +18,15 @@ vectorizes it; padding is handled by loop bounds (:func:`_tap_range`), never by 
                      then the partials are added. The block count
                      does not depend on the thread count, so results are reproducible across machines.
 3x3 kernels (MobileNet's) have register-blocked paths, chosen by measured thresholds: stride 1 forward and input
-gradient (:func:`_forward3x3`, four columns per pass) and stride 2 forward (:func:`_forward3x3s2`, two columns).
+gradient (:func:`_forward3x3`, four columns per pass; narrow maps through a ring of zero-padded rows, so that
+border columns take the same loop) and stride 2 forward (:func:`_forward3x3s2`, two columns).
 :func:`depthwise_backward` (what a layer calls) computes both gradients; on the stride-1 3x3 path in one pass over
 dy (:func:`_backward3x3`), bit for bit what the two separate calls give.
 The kernels are written for M == 1 (MobileNet's case). For M > 1 the wrappers repeat each input channel M times,
 (N, H, W, C) -> (N, H, W, C*M), which turns the op into an M == 1 depthwise conv over C*M channels; dx is summed
 back over the copies.
 """
+import numba
 import numpy as np
 from numba import prange
 
@@ -204,25 +206,37 @@ def _backward_weight(partial, dy, x, sh, sw, pt, pl, per_column):
 
 # ---- 3x3 stride-1 fast path (MobileNet's depthwise kernel; also its stride-1 input gradient) ----
 #
-# One output row is computed from the three input rows its taps read (a zero row stands in for padding rows), so
-# each output value is one fused 9-term sum, stored once. Columns whose taps all lie inside the input go four at
-# a time: the 9 weights are loaded once per channel vector and the 6 input columns under the 4 outputs once each.
-# Offsets into a row are unsigned: with a signed index Numba emits a negative-index wraparound select that stops
-# LLVM from vectorizing, and with one slice per column the vectorizer's runtime overlap checks (one per pair of
-# slices) cost more than a short channel loop. Border columns and the last < 4 interior columns take a per-column
-# path with bounds checks.
-#
-# Used when :func:`_use_3x3` says so: on 1 thread it beat the tiled loops at the res-128 MobileNet shapes
-# (64x64x32: fwd 3.1 vs 4.7 ms, dx 2.8 vs 3.6 ms; 32x32x128: fwd 2.4 vs 3.6 ms, dx 2.6 vs 7.7 ms, batch 32) but lost
-# on narrow maps or few channels (8x8x64, 4x4x128, 16x16x16 at batch 128), where most columns are border columns
-# or the channel loop is one vector long and its setup dominates.
-_MIN_WIDTH_3X3 = 16
-_MIN_CHANNELS_3X3 = 32
+# One output row is computed from the three input rows its taps read, so each output value is one fused 9-term
+# sum, stored once. Columns go four at a time: the 9 weights are loaded once per channel vector and the 6 input
+# columns under the 4 outputs once each. Offsets into a row are unsigned: with a signed index Numba emits a
+# negative-index wraparound select that stops LLVM from vectorizing, and with one slice per column the
+# vectorizer's runtime overlap checks (one per pair of slices) cost more than a short channel loop.
+# Two ways to reach the border columns, whose taps fall partly in the padding:
+#   ring     (maps narrower than _MIN_WIDTH_DIRECT) each input row is copied once into a ring of three rows
+#            padded with zeros (:func:`_ring_rows`), and every column, border or not, goes through the same
+#            four-column loop (:func:`_row3x3`). On a 16-column map a quarter of the columns are border or
+#            leftover columns, on an 8-column map half, and one column at a time they cost ~3x an interior one.
+#   direct   (wider maps) interior columns read the input rows in place (:func:`_row3x3_inplace`); the few border
+#            columns go one at a time with bounds checks (:func:`_column3x3`). There the copy would cost more
+#            than the border columns: 64x64x32 forward 0.77-0.87x, 32x32x128 0.74-0.9x through the ring.
+# Measured against the previous choice (this direct loop from 16 columns and 32 channels up, the generic tiled
+# loops below that), 2 threads, medians of 61 alternating calls, forward / forward + both gradients:
+#   ring:   128x16x16x16 1.16x / 1.30x, 128x8x8x64 1.30x / 1.32x, 128x4x4x128 1.07x / 1.40x, 32x8x8x512 1.06x /
+#           1.23x, 1x14x14x512 1.48x / 1.17x; level at 32x16x16x256 (the direct loop before: 0.84-1.22x / 1.0x)
+#           and 1x7x7x1024; slower on 2x2 maps (0.70x / 0.79x), which keep the generic loops.
+#   direct from 24 columns whatever the channels: 32x64x64x16 1.39x / 1.27x (was generic); level elsewhere.
+_MIN_WIDTH_3X3 = 4
+_MIN_WIDTH_DIRECT = 24
 
 
-def _use_3x3(KH, KW, sh, sw, width, channels):
-    """Whether the stride-1 3x3 kernel serves an output row of ``width`` columns of ``channels`` values."""
-    return (KH, KW, sh, sw) == (3, 3, 1, 1) and width >= _MIN_WIDTH_3X3 and channels >= _MIN_CHANNELS_3X3
+def _use_3x3(KH, KW, sh, sw, width):
+    """Whether the stride-1 3x3 kernel serves an output row of ``width`` columns."""
+    return (KH, KW, sh, sw) == (3, 3, 1, 1) and width >= _MIN_WIDTH_3X3
+
+
+def _direct(width):
+    """Whether a stride-1 3x3 output row of ``width`` columns reads its interior columns in place."""
+    return width >= _MIN_WIDTH_DIRECT
 
 
 # The stride-2 3x3 forward (:func:`_forward3x3s2`) against the tiled loops, batch 32 (res-128 MobileNet shapes) and
@@ -278,9 +292,50 @@ def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
 
 
 @fast_kernel
-def _row3x3(yrow, a, b, d, wf, C, W, pl, lo, hi):
-    """One output row of the stride-1 3x3 conv: yrow (OW*C,) from input rows a, b, d (W*C,); interior columns
-    [lo, hi) four at a time, the others through :func:`_column3x3`."""
+def _row3x3(yrow, a, b, d, wf, C):
+    """One output row of the stride-1 3x3 conv: yrow (OW*C,) from the three padded input rows a, b, d
+    ((OW + 2)*C,: output column ow reads their columns ow, ow + 1, ow + 2). Four columns per pass, then one."""
+    OW = yrow.shape[0] // C
+    u = np.uint64
+    Cu = u(C)
+    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
+    ow = 0
+    while ow + 4 <= OW:
+        o0 = u(ow * C)  # output j reads padded columns j, j+1, j+2 of the 6 starting at the same offset
+        o1, o2, o3, o4, o5 = o0 + m1, o0 + m2, o0 + m3, o0 + m4, o0 + m5
+        for c in range(u(0), Cu):
+            v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
+            v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
+            v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
+            p0, p1, p2, p3, p4, p5 = a[c + o0], a[c + o1], a[c + o2], a[c + o3], a[c + o4], a[c + o5]
+            q0, q1, q2, q3, q4, q5 = b[c + o0], b[c + o1], b[c + o2], b[c + o3], b[c + o4], b[c + o5]
+            s0, s1, s2, s3, s4, s5 = d[c + o0], d[c + o1], d[c + o2], d[c + o3], d[c + o4], d[c + o5]
+            yrow[c + o0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
+                            + (s0 * v6 + s1 * v7 + s2 * v8))
+            yrow[c + o1] = ((p1 * v0 + p2 * v1 + p3 * v2) + (q1 * v3 + q2 * v4 + q3 * v5)
+                            + (s1 * v6 + s2 * v7 + s3 * v8))
+            yrow[c + o2] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
+                            + (s2 * v6 + s3 * v7 + s4 * v8))
+            yrow[c + o3] = ((p3 * v0 + p4 * v1 + p5 * v2) + (q3 * v3 + q4 * v4 + q5 * v5)
+                            + (s3 * v6 + s4 * v7 + s5 * v8))
+        ow += 4
+    for ow in range(ow, OW):
+        o0 = u(ow * C)
+        o1, o2 = o0 + m1, o0 + m2
+        for c in range(u(0), Cu):
+            yrow[c + o0] = ((a[c + o0] * wf[c] + a[c + o1] * wf[c + m1] + a[c + o2] * wf[c + m2])
+                            + (b[c + o0] * wf[c + m3] + b[c + o1] * wf[c + m4] + b[c + o2] * wf[c + m5])
+                            + (d[c + o0] * wf[c + m6] + d[c + o1] * wf[c + m7] + d[c + o2] * wf[c + m8]))
+
+
+@fast_kernel
+def _row3x3_inplace(yrow, a, b, d, wf, C, W, pl, lo, hi):
+    """One output row of the stride-1 3x3 conv on a wide map: yrow (OW*C,) from the input rows a, b, d (W*C,)
+    read in place, interior columns [lo, hi) four at a time, the others through :func:`_column3x3`.
+
+    The four-column loop is :func:`_row3x3`'s, written out again: calling :func:`_row3x3` on views of the rows
+    instead gave the same bits but ran 0.88-0.95x as fast (serial, 64x64x32 to 112x112x32, 41 alternating runs).
+    """
     OW = yrow.shape[0] // C
     u = np.uint64
     Cu = u(C)
@@ -316,32 +371,80 @@ def _row3x3(yrow, a, b, d, wf, C, W, pl, lo, hi):
 
 
 @kernel
-def _interior3x3(OW, W, pl):
-    """Interior output columns [lo, hi) of a stride-1 3x3 row: taps ow - pl + {0, 1, 2} all inside [0, W)."""
+def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last):
+    """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows).
+
+    ring (3, (OW + 2)*C) keeps input row i in slot i % 3, input column iw at padded column iw + pl, so that
+    consecutive output rows copy one new input row each; held (3,) says which row each slot holds (base + i, or
+    -1 for a padding row: all zeros). Input columns [first, last) are copied; padded columns outside the input
+    are never written and stay zero.
+    """
+    u = np.uint64
+    for t in range(3):
+        i = ih + t
+        slot = i % 3
+        key = base + i if 0 <= i < H else -1
+        if held[slot] != key:
+            row = ring[slot]
+            if key < 0:
+                row[:] = 0.0
+            elif last > first:
+                src = xrows[key]
+                d0, s0 = u((first + pl) * C), u(first * C)
+                for j in range(u((last - first) * C)):
+                    row[d0 + j] = src[s0 + j]
+            held[slot] = key
+    return ring[ih % 3], ring[(ih + 1) % 3], ring[(ih + 2) % 3]
+
+
+@kernel
+def _spans3x3(W, OW, pl):
+    """Output columns [lo, hi) of a stride-1 3x3 row (output width OW, input width W, pl columns of left
+    padding) whose taps all lie inside the input, and the input columns [first, last) any output column reads."""
     lo = min(OW, max(0, pl))
-    return lo, max(lo, min(OW, W - 2 + pl))
+    return lo, max(lo, min(OW, W - 2 + pl)), max(0, -pl), min(W, OW + 2 - pl)
+
+
+@fast_kernel
+def _conv_row3x3(yrow, ring, held, zero, xrows, base, H, ih, wf, C, W, pl, direct):
+    """Output row yrow (OW*C,) of the stride-1 3x3 conv from input rows ih .. ih + 2 of one image (rows base ..
+    base + H - 1 of xrows, W columns): with ``direct``, read in place (:func:`_row3x3_inplace`, ``zero`` for a
+    padding row); else from the ring's padded rows (:func:`_ring_rows`, :func:`_row3x3`)."""
+    OW = yrow.shape[0] // C
+    lo, hi, first, last = _spans3x3(W, OW, pl)
+    if direct:
+        a, b, d = _three_rows(xrows, base, H, ih, zero)
+        _row3x3_inplace(yrow, a, b, d, wf, C, W, pl, lo, hi)
+    else:
+        a, b, d = _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last)
+        _row3x3(yrow, a, b, d, wf, C)
 
 
 @fast_sized_kernel
-def _forward3x3(y, x, wf, zero, pt, pl):
+def _forward3x3(y, x, wf, pt, pl, blocks, direct):
     """Stride-1 3x3 depthwise conv. y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C);
-    wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros. pt and pl may be any ints."""
+    wf: (9*C,) weights, entry (kh*3 + kw)*C + c; pt and pl may be any ints. Output rows are split into
+    ``blocks`` runs, each with its own ring of padded rows; ``direct``: interior columns read the input in
+    place (:func:`_conv_row3x3`). Neither changes a value."""
     N, OH, OW, C = y.shape
     H, W = x.shape[1], x.shape[2]
     yrows = y.reshape(N * OH, OW * C)
     xrows = x.reshape(N * H, W * C)
-    lo, hi = _interior3x3(OW, W, pl)
-    for r in prange(N * OH):
-        n = r // OH
-        a, b, d = _three_rows(xrows, n * H, H, r - n * OH - pt, zero)
-        _row3x3(yrows[r], a, b, d, wf, C, W, pl, lo, hi)
+    rows = N * OH
+    for blk in prange(blocks):
+        ring = np.zeros((3, (OW + 2) * C), y.dtype)
+        held = np.full(3, -1, np.int64)
+        zero = np.zeros(W * C, y.dtype)
+        for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
+            n = r // OH
+            _conv_row3x3(yrows[r], ring, held, zero, xrows, n * H, H, r - n * OH - pt, wf, C, W, pl, direct)
 
 
 @parallel_kernel
-def _backward3x3(dx, partial, dy, x, wf, zero, pt, pl, per_column, one):
+def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, direct, one):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
     partial: (B, KH, KW, L) output as in :func:`_backward_weight`; dy: (N, OH, OW, C); x: (N, H, W, C);
-    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; zero: (OW*C,) zeros; one: the int 1,
+    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; one: the int 1,
     the stride, passed in because a literal 1 in the call made Numba compile :func:`_weight_row` for a literal
     type, and that version ran 4x slower.
 
@@ -359,11 +462,13 @@ def _backward3x3(dx, partial, dy, x, wf, zero, pt, pl, per_column, one):
     xrows = x.reshape(N * H, W * C)
     dxrows = dx.reshape(N * H, W * C)
     qt, ql = 2 - pt, 2 - pl  # dx is the 3x3 conv of dy with the flipped kernel and this padding
-    lo, hi = _interior3x3(W, OW, ql)
     rows, in_rows = N * OH, N * H
     for blk in prange(B):
         acc = partial[blk]  # (KH, KW, L)
         acc[:] = 0.0
+        ring = np.zeros((3, (W + 2) * C), dy.dtype)
+        held = np.full(3, -1, np.int64)
+        zero = np.zeros(OW * C, dy.dtype)
         r0, r1 = blk * rows // B, (blk + 1) * rows // B
         i0, i1 = blk * in_rows // B, (blk + 1) * in_rows // B
         for j in range(max(r1 - r0, i1 - i0)):
@@ -377,8 +482,7 @@ def _backward3x3(dx, partial, dy, x, wf, zero, pt, pl, per_column, one):
             i = i0 + j
             if i < i1:
                 n = i // H
-                a, b, d = _three_rows(dyrows, n * OH, OH, i - n * H - qt, zero)
-                _row3x3(dxrows[i], a, b, d, wf, C, OW, ql, lo, hi)
+                _conv_row3x3(dxrows[i], ring, held, zero, dyrows, n * OH, OH, i - n * H - qt, wf, C, OW, ql, direct)
 
 
 @fast_sized_kernel
@@ -439,6 +543,12 @@ def _work(y):
     return 2 * y.size
 
 
+def _blocks(y):
+    """Runs of output rows for :func:`_forward3x3` producing ``y``: one per thread when it runs parallel, else one
+    (each run copies its first input rows afresh, so fewer runs copy less)."""
+    return numba.get_num_threads() if _jit.use_parallel(_work(y)) else 1
+
+
 def _check_w(w):
     check_float_array("w", w, 4, _W_LEGEND)
 
@@ -482,8 +592,8 @@ def depthwise_forward(x, w, *, stride=1, padding="valid"):
     g = conv_geometry(H, W, (KH, KW), stride, padding)
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     y = np.empty((N, g.oh, g.ow, C * M), x.dtype)
-    if _use_3x3(KH, KW, sh, sw, g.ow, C * M):
-        _forward3x3(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, work=_work(y))
+    if _use_3x3(KH, KW, sh, sw, g.ow):
+        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), _direct(g.ow), work=_work(y))
     elif _use_3x3_s2(KH, KW, sh, sw, g.ow):
         _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, work=_work(y))
     else:
@@ -513,11 +623,11 @@ def depthwise_backward_input(dy, w, x_shape, *, stride=1, padding="valid"):
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, w=w)
     dx = np.empty((N, H, W, C * M), dy.dtype)  # (N, H, W, C*M): gradient of each repeated channel
-    if _use_3x3(KH, KW, sh, sw, W, C * M):
+    if _use_3x3(KH, KW, sh, sw, W):
         # Stride 1: dx[ih, iw] = sum_{kh, kw} dy[ih + pt - kh, iw + pl - kw] w[kh, kw] is a forward depthwise conv
         # of dy with the kernel flipped in both axes and padding 2 - pt, 2 - pl (dy rows outside [0, OH) are 0).
-        _forward3x3(dx, np.ascontiguousarray(dy), _flat(w[::-1, ::-1]), np.zeros(g.ow * C * M, dy.dtype),
-                    2 - g.pt, 2 - g.pl, work=_work(dy))
+        _forward3x3(dx, np.ascontiguousarray(dy), _flat(w[::-1, ::-1]), 2 - g.pt, 2 - g.pl, _blocks(dy),
+                    _direct(W), work=_work(dy))
     else:
         _backward_input(dx, np.ascontiguousarray(dy), _tiled(w, g.ow), sh, sw, g.pt, g.pl, work=_work(dy))
     return dx if M == 1 else dx.reshape(N, H, W, C, M).sum(axis=4)  # (N, H, W, C)
@@ -550,13 +660,13 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x, w=w)
-    if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W, C) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
+    if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
         dw = depthwise_backward_weight(dy, x, w.shape, stride=stride, padding=padding)
         return (depthwise_backward_input(dy, w, x.shape, stride=stride, padding=padding) if need_dx else None), dw
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype)
     dx = np.empty(x.shape, dy.dtype)
-    _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]),
-                 np.zeros(g.ow * C, dy.dtype), g.pt, g.pl, per_column, 1)
+    _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]), g.pt, g.pl,
+                 per_column, _direct(W), 1)
     return dx, _weight_sum(partial, w.shape, g.ow, per_column)
 
 
