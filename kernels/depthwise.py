@@ -18,8 +18,8 @@ vectorizes it; padding is handled by loop bounds (:func:`_tap_range`), never by 
                      then the partials are added. The block count
                      does not depend on the thread count, so results are reproducible across machines.
 3x3 kernels (MobileNet's) have register-blocked paths, chosen by measured thresholds: stride 1 forward and input
-gradient (:func:`_forward3x3`, four columns per pass; narrow maps through a ring of zero-padded rows, so that
-border columns take the same loop) and stride 2 forward (:func:`_forward3x3s2`, two columns).
+gradient (:func:`_forward3x3`, four columns per pass over a ring of zero-padded rows, so that border columns take
+the same loop) and stride 2 forward (:func:`_forward3x3s2`, two columns).
 :func:`depthwise_backward` (what a layer calls) computes both gradients; on the stride-1 3x3 path in one pass over
 dy (:func:`_backward3x3`), bit for bit what the two separate calls give.
 The kernels are written for M == 1 (MobileNet's case). For M > 1 the wrappers repeat each input channel M times,
@@ -207,36 +207,27 @@ def _backward_weight(partial, dy, x, sh, sw, pt, pl, per_column):
 # ---- 3x3 stride-1 fast path (MobileNet's depthwise kernel; also its stride-1 input gradient) ----
 #
 # One output row is computed from the three input rows its taps read, so each output value is one fused 9-term
-# sum, stored once. Columns go four at a time: the 9 weights are loaded once per channel vector and the 6 input
-# columns under the 4 outputs once each. Offsets into a row are unsigned: with a signed index Numba emits a
-# negative-index wraparound select that stops LLVM from vectorizing, and with one slice per column the
-# vectorizer's runtime overlap checks (one per pair of slices) cost more than a short channel loop.
-# Two ways to reach the border columns, whose taps fall partly in the padding:
-#   ring     (maps narrower than _MIN_WIDTH_DIRECT) each input row is copied once into a ring of three rows
-#            padded with zeros (:func:`_ring_rows`), and every column, border or not, goes through the same
-#            four-column loop (:func:`_row3x3`). On a 16-column map a quarter of the columns are border or
-#            leftover columns, on an 8-column map half, and one column at a time they cost ~3x an interior one.
-#   direct   (wider maps) interior columns read the input rows in place (:func:`_row3x3_inplace`); the few border
-#            columns go one at a time with bounds checks (:func:`_column3x3`). There the copy would cost more
-#            than the border columns: 64x64x32 forward 0.77-0.87x, 32x32x128 0.74-0.9x through the ring.
-# Measured against the previous choice (this direct loop from 16 columns and 32 channels up, the generic tiled
-# loops below that), 2 threads, medians of 61 alternating calls, forward / forward + both gradients:
-#   ring:   128x16x16x16 1.16x / 1.30x, 128x8x8x64 1.30x / 1.32x, 128x4x4x128 1.07x / 1.40x, 32x8x8x512 1.06x /
-#           1.23x, 1x14x14x512 1.48x / 1.17x; level at 32x16x16x256 (the direct loop before: 0.84-1.22x / 1.0x)
-#           and 1x7x7x1024; slower on 2x2 maps (0.70x / 0.79x), which keep the generic loops.
-#   direct from 24 columns whatever the channels: 32x64x64x16 1.39x / 1.27x (was generic); level elsewhere.
+# sum, stored once. Each input row is first copied into a ring of three rows padded with zeros on both sides
+# (:func:`_ring_rows`; consecutive output rows share two of their three rows, so each input row is copied once),
+# and then every column, border or not, goes through one loop four columns at a time (:func:`_row3x3`): the 9
+# weights are loaded once per channel vector and the 6 input columns under the 4 outputs once each. Offsets into a
+# row are unsigned: with a signed index Numba emits a negative-index wraparound select that stops LLVM from
+# vectorizing, and with one slice per column the vectorizer's runtime overlap checks (one per pair of slices)
+# cost more than a short channel loop.
+# Before, border columns and the last < 4 interior columns went one at a time with bounds checks, at ~3x the cost
+# of an interior column (a quarter of a 16-column row, half of an 8-column one), and maps under 16 columns or 32
+# channels used the generic loops. Against that, 2 threads, medians of 61 alternating calls, forward / forward +
+# both gradients: 128x16x16x16 1.16x / 1.30x, 128x8x8x64 1.30x / 1.32x, 128x4x4x128 1.07x / 1.40x, 32x8x8x512
+# 1.06x / 1.23x, 1x14x14x512 1.48x / 1.17x, 32x64x64x16 1.14x / 1.10x; level at 32x32x32x64, 32x32x32x128,
+# 32x16x16x256 and the res-224 maps; 0.79-0.90x / 0.90x at 32x64x64x32, where the copy costs more than the border
+# columns saved (reading the interior in place there as well took a second copy of the four-column loop in every
+# kernel and pushed the cold compile of all kernels to 44 s). 2x2 maps keep the generic loops (0.70x / 0.79x).
 _MIN_WIDTH_3X3 = 4
-_MIN_WIDTH_DIRECT = 24
 
 
 def _use_3x3(KH, KW, sh, sw, width):
     """Whether the stride-1 3x3 kernel serves an output row of ``width`` columns."""
     return (KH, KW, sh, sw) == (3, 3, 1, 1) and width >= _MIN_WIDTH_3X3
-
-
-def _direct(width):
-    """Whether a stride-1 3x3 output row of ``width`` columns reads its interior columns in place."""
-    return width >= _MIN_WIDTH_DIRECT
 
 
 # The stride-2 3x3 forward (:func:`_forward3x3s2`) against the tiled loops, batch 32 (res-128 MobileNet shapes) and
@@ -328,48 +319,6 @@ def _row3x3(yrow, a, b, d, wf, C):
                             + (d[c + o0] * wf[c + m6] + d[c + o1] * wf[c + m7] + d[c + o2] * wf[c + m8]))
 
 
-@fast_kernel
-def _row3x3_inplace(yrow, a, b, d, wf, C, W, pl, lo, hi):
-    """One output row of the stride-1 3x3 conv on a wide map: yrow (OW*C,) from the input rows a, b, d (W*C,)
-    read in place, interior columns [lo, hi) four at a time, the others through :func:`_column3x3`.
-
-    The four-column loop is :func:`_row3x3`'s, written out again: calling :func:`_row3x3` on views of the rows
-    instead gave the same bits but ran 0.88-0.95x as fast (serial, 64x64x32 to 112x112x32, 41 alternating runs).
-    """
-    OW = yrow.shape[0] // C
-    u = np.uint64
-    Cu = u(C)
-    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
-    one = OW // OW  # the stride as a plain int: with a literal 1, Numba compiles _column3x3 for a literal type,
-    # and that version made a one-image 64x64x32 forward 1.4x slower (60 vs 44 us)
-    for ow in range(lo):
-        _column3x3(yrow, a, b, d, wf, C, W, one, pl, ow)
-    ow = lo
-    while ow + 4 <= hi:
-        o0 = u(ow * C)
-        o1, o2, o3 = o0 + m1, o0 + m2, o0 + m3
-        k0 = u((ow - pl) * C)  # outputs j read columns j, j+1, j+2 of the 6 starting here
-        k1, k2, k3, k4, k5 = k0 + m1, k0 + m2, k0 + m3, k0 + m4, k0 + m5
-        for c in range(u(0), Cu):
-            v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
-            v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
-            v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
-            p0, p1, p2, p3, p4, p5 = a[c + k0], a[c + k1], a[c + k2], a[c + k3], a[c + k4], a[c + k5]
-            q0, q1, q2, q3, q4, q5 = b[c + k0], b[c + k1], b[c + k2], b[c + k3], b[c + k4], b[c + k5]
-            s0, s1, s2, s3, s4, s5 = d[c + k0], d[c + k1], d[c + k2], d[c + k3], d[c + k4], d[c + k5]
-            yrow[c + o0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
-                            + (s0 * v6 + s1 * v7 + s2 * v8))
-            yrow[c + o1] = ((p1 * v0 + p2 * v1 + p3 * v2) + (q1 * v3 + q2 * v4 + q3 * v5)
-                            + (s1 * v6 + s2 * v7 + s3 * v8))
-            yrow[c + o2] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
-                            + (s2 * v6 + s3 * v7 + s4 * v8))
-            yrow[c + o3] = ((p3 * v0 + p4 * v1 + p5 * v2) + (q3 * v3 + q4 * v4 + q5 * v5)
-                            + (s3 * v6 + s4 * v7 + s5 * v8))
-        ow += 4
-    for ow in range(ow, OW):
-        _column3x3(yrow, a, b, d, wf, C, W, one, pl, ow)
-
-
 @kernel
 def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last):
     """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows).
@@ -398,50 +347,34 @@ def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last):
 
 
 @kernel
-def _spans3x3(W, OW, pl):
-    """Output columns [lo, hi) of a stride-1 3x3 row (output width OW, input width W, pl columns of left
-    padding) whose taps all lie inside the input, and the input columns [first, last) any output column reads."""
-    lo = min(OW, max(0, pl))
-    return lo, max(lo, min(OW, W - 2 + pl)), max(0, -pl), min(W, OW + 2 - pl)
-
-
-@fast_kernel
-def _conv_row3x3(yrow, ring, held, zero, xrows, base, H, ih, wf, C, W, pl, direct):
-    """Output row yrow (OW*C,) of the stride-1 3x3 conv from input rows ih .. ih + 2 of one image (rows base ..
-    base + H - 1 of xrows, W columns): with ``direct``, read in place (:func:`_row3x3_inplace`, ``zero`` for a
-    padding row); else from the ring's padded rows (:func:`_ring_rows`, :func:`_row3x3`)."""
-    OW = yrow.shape[0] // C
-    lo, hi, first, last = _spans3x3(W, OW, pl)
-    if direct:
-        a, b, d = _three_rows(xrows, base, H, ih, zero)
-        _row3x3_inplace(yrow, a, b, d, wf, C, W, pl, lo, hi)
-    else:
-        a, b, d = _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last)
-        _row3x3(yrow, a, b, d, wf, C)
+def _span3x3(W, OW, pl):
+    """The input columns [first, last) that some output column of a stride-1 3x3 row reads (output width OW,
+    input width W, pl columns of left padding): what the ring copies."""
+    return max(0, -pl), min(W, OW + 2 - pl)
 
 
 @fast_sized_kernel
-def _forward3x3(y, x, wf, pt, pl, blocks, direct):
+def _forward3x3(y, x, wf, pt, pl, blocks):
     """Stride-1 3x3 depthwise conv. y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C);
     wf: (9*C,) weights, entry (kh*3 + kw)*C + c; pt and pl may be any ints. Output rows are split into
-    ``blocks`` runs, each with its own ring of padded rows; ``direct``: interior columns read the input in
-    place (:func:`_conv_row3x3`). Neither changes a value."""
+    ``blocks`` runs, each with its own ring of padded input rows (:func:`_ring_rows`); the split changes no value."""
     N, OH, OW, C = y.shape
     H, W = x.shape[1], x.shape[2]
     yrows = y.reshape(N * OH, OW * C)
     xrows = x.reshape(N * H, W * C)
+    first, last = _span3x3(W, OW, pl)
     rows = N * OH
     for blk in prange(blocks):
         ring = np.zeros((3, (OW + 2) * C), y.dtype)
         held = np.full(3, -1, np.int64)
-        zero = np.zeros(W * C, y.dtype)
         for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
             n = r // OH
-            _conv_row3x3(yrows[r], ring, held, zero, xrows, n * H, H, r - n * OH - pt, wf, C, W, pl, direct)
+            a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last)
+            _row3x3(yrows[r], a, b, d, wf, C)
 
 
 @parallel_kernel
-def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, direct, one):
+def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
     partial: (B, KH, KW, L) output as in :func:`_backward_weight`; dy: (N, OH, OW, C); x: (N, H, W, C);
     wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; one: the int 1,
@@ -462,13 +395,13 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, direct, one):
     xrows = x.reshape(N * H, W * C)
     dxrows = dx.reshape(N * H, W * C)
     qt, ql = 2 - pt, 2 - pl  # dx is the 3x3 conv of dy with the flipped kernel and this padding
+    first, last = _span3x3(OW, W, ql)
     rows, in_rows = N * OH, N * H
     for blk in prange(B):
         acc = partial[blk]  # (KH, KW, L)
         acc[:] = 0.0
-        ring = np.zeros((3, (W + 2) * C), dy.dtype)
+        ring = np.zeros((3, (W + 2) * C), dy.dtype)  # padded dy rows under the input-gradient taps
         held = np.full(3, -1, np.int64)
-        zero = np.zeros(OW * C, dy.dtype)
         r0, r1 = blk * rows // B, (blk + 1) * rows // B
         i0, i1 = blk * in_rows // B, (blk + 1) * in_rows // B
         for j in range(max(r1 - r0, i1 - i0)):
@@ -482,7 +415,8 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, direct, one):
             i = i0 + j
             if i < i1:
                 n = i // H
-                _conv_row3x3(dxrows[i], ring, held, zero, dyrows, n * OH, OH, i - n * H - qt, wf, C, OW, ql, direct)
+                a, b, d = _ring_rows(ring, held, dyrows, n * OH, OH, i - n * H - qt, ql, C, first, last)
+                _row3x3(dxrows[i], a, b, d, wf, C)
 
 
 @fast_sized_kernel
@@ -593,7 +527,7 @@ def depthwise_forward(x, w, *, stride=1, padding="valid"):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     y = np.empty((N, g.oh, g.ow, C * M), x.dtype)
     if _use_3x3(KH, KW, sh, sw, g.ow):
-        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), _direct(g.ow), work=_work(y))
+        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), work=_work(y))
     elif _use_3x3_s2(KH, KW, sh, sw, g.ow):
         _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, work=_work(y))
     else:
@@ -627,7 +561,7 @@ def depthwise_backward_input(dy, w, x_shape, *, stride=1, padding="valid"):
         # Stride 1: dx[ih, iw] = sum_{kh, kw} dy[ih + pt - kh, iw + pl - kw] w[kh, kw] is a forward depthwise conv
         # of dy with the kernel flipped in both axes and padding 2 - pt, 2 - pl (dy rows outside [0, OH) are 0).
         _forward3x3(dx, np.ascontiguousarray(dy), _flat(w[::-1, ::-1]), 2 - g.pt, 2 - g.pl, _blocks(dy),
-                    _direct(W), work=_work(dy))
+                    work=_work(dy))
     else:
         _backward_input(dx, np.ascontiguousarray(dy), _tiled(w, g.ow), sh, sw, g.pt, g.pl, work=_work(dy))
     return dx if M == 1 else dx.reshape(N, H, W, C, M).sum(axis=4)  # (N, H, W, C)
@@ -666,7 +600,7 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype)
     dx = np.empty(x.shape, dy.dtype)
     _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]), g.pt, g.pl,
-                 per_column, _direct(W), 1)
+                 per_column, 1)
     return dx, _weight_sum(partial, w.shape, g.ow, per_column)
 
 

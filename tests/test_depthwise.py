@@ -105,14 +105,12 @@ def test_matches_torch(case):
     (3, 7, 3, 1, "same"),        # a block and three single columns; three channels
     (4, 6, 8, 1, "valid"),       # output narrower than the input
 ])
-@pytest.mark.parametrize("mode", ["ring", "direct"])
 @pytest.mark.parametrize("threads", ["all", "one"])
-def test_3x3_stride1_fast_path_matches_oracle(H, W, C, M, padding, mode, threads, monkeypatch):
-    """The 3x3 stride-1 kernel against the oracle, interior and border columns, in both of its ways of reaching
-    the border columns (padded ring rows, or the input read in place), whatever the map's width."""
+def test_3x3_stride1_fast_path_matches_oracle(H, W, C, M, padding, threads):
+    """The 3x3 stride-1 kernel (padded ring rows, four columns per pass) against the oracle, interior and border
+    columns."""
     from kernels import depthwise
     assert depthwise._use_3x3(3, 3, 1, 1, W)
-    monkeypatch.setattr(depthwise, "_MIN_WIDTH_DIRECT", 0 if mode == "direct" else 10**9)
     rng = np.random.default_rng(H * W + C)
     x, w = rng.standard_normal((2, H, W, C)), rng.standard_normal((3, 3, C, M))
     kw = dict(stride=1, padding=padding)
@@ -137,9 +135,9 @@ def test_3x3_stride1_fast_path_matches_oracle(H, W, C, M, padding, mode, threads
 @given(N=st.integers(1, 3), H=st.integers(1, 7), W=st.integers(4, 28), C=st.integers(1, 19),
        padding=st.sampled_from(["same", "valid", 0, 1, 2, 3, (2, 0), (0, 3)]), blocks=st.integers(2, 5),
        seed=st.integers(0, 2**16))
-def test_3x3_stride1_kernel_in_both_modes_over_geometry(N, H, W, C, padding, blocks, seed):
-    """Every geometry the stride-1 3x3 kernel serves, read through the ring and in place: the oracle's values,
-    and the same bits whatever the number of row blocks (the split is a matter of threads, not of results)."""
+def test_3x3_stride1_kernel_over_geometry(N, H, W, C, padding, blocks, seed):
+    """Every geometry the stride-1 3x3 kernel serves: the oracle's values, and the same bits whatever the number
+    of row blocks (each block fills its own ring; the split is a matter of threads, not of results)."""
     from kernels import depthwise
     from kernels.geometry import conv_geometry
     try:
@@ -149,14 +147,13 @@ def test_3x3_stride1_kernel_in_both_modes_over_geometry(N, H, W, C, padding, blo
     rng = np.random.default_rng(seed)
     x, w = rng.standard_normal((N, H, W, C)), rng.standard_normal((3, 3, C, 1))
     want = oracle.depthwise_forward(x, w, stride=1, padding=padding)
-    for direct in (False, True):
-        runs = []
-        for nblk in (1, blocks):
-            y = np.empty((N, g.oh, g.ow, C))
-            depthwise._forward3x3.serial(y, x, depthwise._flat(w), g.pt, g.pl, nblk, direct)
-            runs.append(y)
-        assert_close(runs[0], want, rtol=1e-12, name=f"y, direct={direct}")
-        np.testing.assert_array_equal(runs[0], runs[1])
+    runs = []
+    for nblk in (1, blocks):
+        y = np.empty((N, g.oh, g.ow, C))
+        depthwise._forward3x3.serial(y, x, depthwise._flat(w), g.pt, g.pl, nblk)
+        runs.append(y)
+    assert_close(runs[0], want, rtol=1e-12, name="y")
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("N, H, W, C, padding", [
@@ -164,14 +161,12 @@ def test_3x3_stride1_kernel_in_both_modes_over_geometry(N, H, W, C, padding, blo
     (2, 7, 20, 256, 1),          # per-column weight accumulators inside the fused pass
     (3, 6, 17, 40, "valid"),     # fewer output rows than input rows: the two kinds of rows split differently
     (2, 4, 16, 33, (3, 0)),      # more output rows than input rows
-    (4, 8, 8, 5, "same"),        # a narrow map: input-gradient rows through the ring
+    (4, 8, 8, 5, "same"),        # a narrow map, few channels
 ])
-@pytest.mark.parametrize("mode", ["ring", "direct"])
-def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding, mode, monkeypatch):
+def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding, monkeypatch):
     """depthwise_backward's one-pass stride-1 3x3 kernel against the two separate gradient calls and the oracle."""
     from kernels import _jit, depthwise
     assert depthwise._use_3x3(3, 3, 1, 1, W)
-    monkeypatch.setattr(depthwise, "_MIN_WIDTH_DIRECT", 0 if mode == "direct" else 10**9)
     monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)  # these small maps take the fused kernel too
     fused, calls = depthwise._backward3x3, []
     monkeypatch.setattr(depthwise, "_backward3x3", lambda *a: calls.append(1) or fused(*a))
@@ -214,7 +209,6 @@ def test_3x3_fast_path_is_not_used_where_it_measured_slower():
     assert depthwise._use_3x3(3, 3, 1, 1, 4)
     assert not depthwise._use_3x3(3, 3, 2, 2, 64)        # stride 2 has its own kernel
     assert not depthwise._use_3x3(5, 5, 1, 1, 64)
-    assert not depthwise._direct(16) and depthwise._direct(32)  # the ring's copy only pays on narrow maps
     assert not depthwise._use_3x3_s2(3, 3, 2, 2, 2)      # two output columns: the tiled loops win
     assert not depthwise._use_3x3_s2(3, 3, 2, 1, 64)     # mixed strides
     assert not depthwise._use_3x3_s2(5, 5, 2, 2, 64)
