@@ -550,6 +550,7 @@ def _public_kernel_calls():
     from kernels import loss, optim as op, pointwise as pw, pool
     f = np.float32
     x = np.random.default_rng(0).standard_normal((2, 6, 6, 3)).astype(f)
+    x2 = x[:, :2, :2]  # (2, 2, 2, 3)
     w3, wd, wp = np.ones((3, 3, 3, 4), f), np.ones((3, 3, 3, 1), f), np.ones((3, 4), f)
     c = np.ones(3, f)
     y2 = np.ones((2, 3, 3, 4), f)
@@ -570,10 +571,14 @@ def _public_kernel_calls():
                                                                        padding="same")),
         ("conv2d_backward_bias", lambda: conv.conv2d_backward_bias(y2)),
         ("im2col", lambda: conv.im2col(x, w3.shape, stride=2, padding="same")),
-        ("depthwise_forward", lambda: dw.depthwise_forward(x, wd, padding="same")),
-        ("depthwise_backward_input", lambda: dw.depthwise_backward_input(yd, wd, x.shape, padding="same")),
+        # a 6x6 map takes the stride-1 3x3 kernel; a 2x2 map and the stride-2 input gradient the generic loops
+        ("depthwise_forward", lambda: [dw.depthwise_forward(x, wd, padding="same"),
+                                       dw.depthwise_forward(x2, wd, padding="same")]),
+        ("depthwise_backward_input", lambda: [dw.depthwise_backward_input(yd, wd, x.shape, padding="same"),
+                                              dw.depthwise_backward_input(y2[..., :3], wd, x.shape, stride=2,
+                                                                          padding="same")]),
         ("depthwise_backward_weight", lambda: dw.depthwise_backward_weight(yd, x, wd.shape, padding="same")),
-        # a wider map with many channels takes the 3x3 register-blocked and per-column paths
+        # a wider map with many channels takes the stride-2 3x3 kernel and the per-column weight accumulators
         ("depthwise 3x3 paths", lambda: [dw.depthwise_forward(xw, ww, stride=1, padding="same"),
                                          dw.depthwise_forward(xw, ww, stride=2, padding="same"),
                                          dw.depthwise_backward_input(xw, ww, xw.shape, padding="same"),
