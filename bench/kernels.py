@@ -612,6 +612,14 @@ class Result(NamedTuple):
 
 SETTLE = 1e-3  # seconds between two samples: the previous engine's idle threads stop spinning
 
+# A sample repeats the call until it lasts this long. Each sample starts right after the engine's worker is
+# resumed, and on this shared VM the first call after a few ms idle runs far slower than the next ones (in one
+# process: a 0.57 ms depthwise forward took 1.9-2.0 ms, a 0.23 ms array copy 0.66 ms, after a 5-20 ms sleep). With
+# 2 ms samples that first call was half of each sample of a small kernel, and the same unchanged kernel measured
+# 0.94 ms in one run and 2.9 ms in the next; 20 ms samples amortize it, for both engines alike, as a training
+# step, which runs its kernels back to back, does.
+MIN_SAMPLE = 20e-3
+
 
 def run_op(workers, i, info, *, repeats, warmup):
     """Validate row ``i``, then time ours, PyTorch's layouts and the GEMM interleaved, each in its worker."""
@@ -621,7 +629,8 @@ def run_op(workers, i, info, *, repeats, warmup):
            **{f"torch {lay}": h.Remote(tw, f"{i} torch {lay}") for lay in tw.call(worker_layouts, i)}}
     if info.gemm:
         fns["gemm"] = h.Remote(tc, f"{i} gemm")
-    med, fastest = h.time_interleaved(fns, repeats=repeats, warmup=warmup, settle=SETTLE, best=True)
+    med, fastest = h.time_interleaved(fns, repeats=repeats, warmup=warmup, min_sample=MIN_SAMPLE, settle=SETTLE,
+                                      best=True)
     torch_fastest = min(v for k, v in fastest.items() if k.startswith("torch"))
     return Result(info, error, torch_error, error <= info.tol, med["ours"],
                   {k.split(" ", 1)[1]: v for k, v in med.items() if k.startswith("torch")}, med.get("gemm"),
@@ -761,7 +770,7 @@ def main(argv=None):
         header.append(f"Each engine {h.THREADS} threads in its own worker process; medians of {repeats} "
                       f"interleaved repeats (ours, torch NCHW, torch channels_last, GEMM: one sample each in turn, "
                       f"{SETTLE * 1e3:g} ms apart, the other engine's worker paused meanwhile) after {warmup} "
-                      f"warm-up calls (a sample repeats a call until it lasts >= 2 ms)")
+                      f"warm-up calls (a sample repeats a call until it lasts >= {MIN_SAMPLE * 1e3:g} ms)")
         for line in header:
             print(line)
         jit_line = (f"JIT: first calls of the kernels at a tiny shape in the tinyconv worker (cache load, or "
