@@ -556,6 +556,13 @@ def depthwise_backward_input(dy, w, x_shape, *, stride=1, padding="valid"):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, w=w)
+    return _input_gradient(dy, w, x_shape, g, sh, sw)
+
+
+def _input_gradient(dy, w, x_shape, g, sh, sw):
+    """:func:`depthwise_backward_input` on validated arguments; g, sh, sw the geometry and strides."""
+    N, H, W, C = x_shape
+    KH, KW, _, M = w.shape
     dx = np.empty((N, H, W, C * M), dy.dtype)  # (N, H, W, C*M): gradient of each repeated channel
     if _use_3x3(KH, KW, sh, sw, W):
         # Stride 1: dx[ih, iw] = sum_{kh, kw} dy[ih + pt - kh, iw + pl - kw] w[kh, kw] is a forward depthwise conv
@@ -595,8 +602,8 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x, w=w)
     if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
-        dw = depthwise_backward_weight(dy, x, w.shape, stride=stride, padding=padding)
-        return (depthwise_backward_input(dy, w, x.shape, stride=stride, padding=padding) if need_dx else None), dw
+        dw = _weight_gradient(dy, x, w.shape, g, sh, sw)  # arguments validated once, above
+        return (_input_gradient(dy, w, x.shape, g, sh, sw) if need_dx else None), dw
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype)
     dx = np.empty(x.shape, dy.dtype)
     _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]), g.pt, g.pl,
@@ -625,6 +632,13 @@ def depthwise_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x)
+    return _weight_gradient(dy, x, w_shape, g, sh, sw)
+
+
+def _weight_gradient(dy, x, w_shape, g, sh, sw):
+    """:func:`depthwise_backward_weight` on validated arguments; g, sh, sw the geometry and strides."""
+    N = x.shape[0]
+    KH, KW, C, M = w_shape
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C * M, dy.dtype)
     _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, per_column,
                      work=_work(dy))
