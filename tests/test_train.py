@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kernels._alloc import _glibc
 from tinyconv import (BatchNorm, Conv2D, DepthwiseConv2D, Dropout, GlobalAvgPool2D, Linear, PointwiseConv2D, ReLU,
                       Sequential)
 from tinyconv import checkpoint as ckpt
@@ -306,12 +307,12 @@ def test_allocator_decision_respects_the_user():
     assert "MALLOC_MMAP_THRESHOLD_" in reason_to_skip({"MALLOC_MMAP_THRESHOLD_": "131072"})
     assert "MALLOC_TRIM_THRESHOLD_" in reason_to_skip({"MALLOC_TRIM_THRESHOLD_": "0"})
     assert "GLIBC_TUNABLES" in reason_to_skip({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})
-    if os.confstr("CS_GNU_LIBC_VERSION"):
+    if _glibc():
         assert reason_to_skip({}) is None
         assert reason_to_skip({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}) is None
 
 
-@pytest.mark.skipif(not (hasattr(os, "confstr") and os.confstr("CS_GNU_LIBC_VERSION")), reason="glibc only")
+@pytest.mark.skipif(not _glibc(), reason="glibc only")
 def test_large_arrays_come_from_the_heap_after_import():
     """After ``import kernels`` a 64 MiB array is carved from the heap (reused after free, no page faults on the
     next step) instead of a mapping of its own; the opt-out and a user's own malloc variable leave glibc's
