@@ -45,7 +45,8 @@ def check_same_dtype(**arrays):
 def check_shape(name, x, expected):
     """Require ``x.shape == expected``; None entries in ``expected`` match anything."""
     if len(x.shape) != len(expected) or any(e is not None and e != s for s, e in zip(x.shape, expected)):
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        dims = ", ".join("*" if e is None else str(e) for e in expected)
+        want = f"({dims},)" if len(expected) == 1 else f"({dims})"
         raise ValueError(f"{name} must have shape {want}, got {x.shape}")
     return x
 

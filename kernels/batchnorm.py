@@ -158,6 +158,36 @@ def _scale_act_kernel(y, x, center, k, beta, lo, hi):
             y[i, c] = hi if v > hi else v
 
 
+@kernel
+def _bias_act_row(yrow, bias, lo, hi):
+    """yrow (OW*C,) = clip(yrow + bias, lo, hi) with bias (C,) per channel: the output pass of a convolution with
+    batch norm folded into it. The depthwise kernels run it on each output row right after computing it (while it is
+    in L1), so the folded batch norm and its activation cost no pass over memory; :func:`bias_act_forward` runs it
+    over the rows of an array in place. The same operations as :func:`_scale_act_kernel` with center 0 and scale 1
+    (bit for bit); a NaN passes both comparisons and propagates."""
+    C = bias.shape[0]
+    u = np.uint64
+    Cu = u(C)
+    for ow in range(yrow.shape[0] // C):
+        o = u(ow * C)
+        for c in range(u(0), Cu):
+            v = yrow[o + c] + bias[c]
+            v = lo if v < lo else v
+            yrow[o + c] = hi if v > hi else v
+
+
+@sized_kernel
+def _bias_act_rows_kernel(y, bias, lo, hi):
+    """:func:`_bias_act_row` on every row of y (R, L) in place, L a multiple of bias's C.
+
+    In place with one array argument: the two-array :func:`_scale_act_kernel` called with x is y vectorizes only
+    after a runtime check that its output does not overlap its input, and in place that check fails and sends it
+    to its scalar loop (a folded MobileNet 1.0 at res 128, batch 32, ran 1.18x faster in place this way than with
+    a fresh output array)."""
+    for r in numba.prange(y.shape[0]):
+        _bias_act_row(y[r], bias, lo, hi)
+
+
 # Rows per block of the backward sums: a block's sums accumulate in x's dtype in L1, then go into float64, so no
 # float32 sum runs over more than this many values.
 _SUM_BLOCK_ROWS = 128
@@ -445,6 +475,40 @@ def batchnorm_act_forward_eval(x, gamma, beta, running_mean, running_var, *, act
         y shaped like x, x's dtype (``out`` when given).
     """
     return _forward_eval(x, gamma, beta, running_mean, running_var, act, eps, out)
+
+
+def bias_act_forward(x, bias, *, act="relu", out=None):
+    """y = act(x + bias) with a per-channel bias: what is left of batch norm and its activation once the batch
+    norm is folded into the convolution before it (inference), in one pass.
+
+    The same bits in place (``out=x``, the fast way: one array, see :func:`_bias_act_rows_kernel`) or not.
+
+    Args:
+        x: (N, H, W, C) or (N, C) float32/float64.
+        bias: (C,), x's dtype.
+        act: 'relu', 'relu6' or None.
+        out: optional writable C-contiguous buffer shaped like x (x's dtype); may be x itself (in place).
+
+    Returns:
+        y shaped like x, x's dtype (``out`` when given).
+    """
+    _check_x("x", x)
+    _check_channel_vectors(x.shape[-1], "x", bias=bias)
+    check_same_dtype(x=x, bias=bias)
+    lo, hi = (x.dtype.type(v) for v in _check_act(act))
+    bias = np.ascontiguousarray(bias)
+    if out is x and x.flags.c_contiguous and x.flags.writeable:  # in place: one array, rows of whole images
+        _bias_act_rows_kernel(x.reshape(-1, x.shape[-1] * (x.shape[2] if x.ndim == 4 else 1)), bias, lo, hi,
+                              work=x.size)
+        return x
+    x2 = _rows(x)  # (M, C)
+    y = np.empty(x.shape, x.dtype) if out is None else _check_out(out, x)
+    if np.may_share_memory(y, x):
+        raise ValueError("out must be x itself or not overlap it")
+    c_size = x.shape[-1]
+    _scale_act_kernel(y.reshape(x2.shape), x2, np.zeros(c_size, x.dtype), np.ones(c_size, x.dtype), bias, lo, hi,
+                      work=x2.size)
+    return y
 
 
 def _backward(dy, x, mean, inv_std, k, beta, lo, hi, out):

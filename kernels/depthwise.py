@@ -30,9 +30,10 @@ import numba
 import numpy as np
 from numba import prange
 
-from ._check import check_float_array, check_same_dtype
+from ._check import check_float_array, check_same_dtype, check_shape
 from . import _jit
 from ._jit import fast_kernel, fast_sized_kernel, kernel, parallel_kernel, sized_kernel
+from .batchnorm import ACTIVATIONS, _bias_act_row
 from .conv import _check_channels, _check_dy, _check_shape_arg
 from .geometry import conv_geometry, normalize_window
 
@@ -44,6 +45,9 @@ _WEIGHT_BLOCKS = 16  # partial sums in the weight gradient: enough blocks to bal
 _MIN_CHANNELS_WEIGHT_COLS = 256
 
 _W_LEGEND = "(KH, KW, C, M)"
+
+# (bias, lo, hi) for the forward kernels when nothing follows the convolution: an empty bias skips the output pass.
+_NO_OUTPUT_PASS = {t: (np.zeros(0, t), t(-np.inf), t(np.inf)) for t in (np.float32, np.float64)}
 
 
 @kernel
@@ -72,8 +76,9 @@ def _runs(lo, hi, sw, C):
 
 
 @sized_kernel
-def _forward(y, x, wt, sh, sw, pt, pl):
-    """y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C); wt: (KH, KW, OW*C), w tiled OW times."""
+def _forward(y, x, wt, sh, sw, pt, pl, bias, act_lo, act_hi):
+    """y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C); wt: (KH, KW, OW*C), w tiled OW times;
+    bias (C,), act_lo, act_hi: the output pass of :func:`_bias_act_row`, none when bias is empty (0,)."""
     N, OH, OW, C = y.shape
     H, W = x.shape[1], x.shape[2]
     KH, KW = wt.shape[0], wt.shape[1]
@@ -99,6 +104,8 @@ def _forward(y, x, wt, sh, sw, pt, pl):
                     xo = u(((lo + q) * sw - pl + kw) * C)
                     for j in range(u(span)):
                         yrow[yo + j] += xrow[xo + j] * wv[yo + j]
+        if bias.shape[0] > 0:
+            _bias_act_row(yrow, bias, act_lo, act_hi)
 
 
 @sized_kernel
@@ -357,10 +364,11 @@ def _span3x3(W, OW, pl):
 
 
 @fast_sized_kernel
-def _forward3x3(y, x, wf, pt, pl, blocks):
+def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi):
     """Stride-1 3x3 depthwise conv. y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C);
-    wf: (9*C,) weights, entry (kh*3 + kw)*C + c; pt and pl may be any ints. Output rows are split into
-    ``blocks`` runs, each with its own ring of padded input rows (:func:`_ring_rows`); the split changes no value."""
+    wf: (9*C,) weights, entry (kh*3 + kw)*C + c; pt and pl may be any ints; bias (C,), act_lo, act_hi: the
+    output pass of :func:`_bias_act_row`, none when bias is empty (0,). Output rows are split into ``blocks``
+    runs, each with its own ring of padded input rows (:func:`_ring_rows`); the split changes no value."""
     N, OH, OW, C = y.shape
     H, W = x.shape[1], x.shape[2]
     yrows = y.reshape(N * OH, OW * C)
@@ -374,6 +382,8 @@ def _forward3x3(y, x, wf, pt, pl, blocks):
             n = r // OH
             a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last)
             _row3x3(yrows[r], a, b, d, wf, C)
+            if bias.shape[0] > 0:
+                _bias_act_row(yrows[r], bias, act_lo, act_hi)
 
 
 @parallel_kernel
@@ -423,9 +433,10 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one):
 
 
 @fast_sized_kernel
-def _forward3x3s2(y, x, wf, zero, pt, pl):
+def _forward3x3s2(y, x, wf, zero, pt, pl, bias, act_lo, act_hi):
     """Stride-2 3x3 depthwise conv, two output columns per pass. y: (N, OH, OW, C) output, written entirely;
-    x: (N, H, W, C); wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros.
+    x: (N, H, W, C); wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros; bias (C,), act_lo, act_hi:
+    the output pass of :func:`_bias_act_row`, none when bias is empty (0,).
 
     Output columns ow and ow + 1 read the five input columns from 2*ow - pl, the middle one shared. Two columns,
     not four as at stride 1: with four, the loop has 27 input offsets and LLVM gives up on the runtime overlap
@@ -469,6 +480,8 @@ def _forward3x3s2(y, x, wf, zero, pt, pl):
             ow += 2
         for ow in range(ow, OW):
             _column3x3(yrow, a, b, d, wf, C, W, two, pl, ow)
+        if bias.shape[0] > 0:
+            _bias_act_row(yrow, bias, act_lo, act_hi)
 
 
 # Work passed to the serial/parallel rule: two units per output value, so the kernels run on both threads from 2^18
@@ -508,14 +521,20 @@ def _expand(x, M):
     return x if M == 1 else np.repeat(x, M, axis=3)  # (N, H, W, C*M)
 
 
-def depthwise_forward(x, w, *, stride=1, padding="valid"):
-    """Depthwise convolution: each input channel convolved with its own M filters.
+def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None):
+    """Depthwise convolution: each input channel convolved with its own M filters, optionally followed by a
+    per-channel bias and an activation computed in the same pass (a batch norm folded for inference).
+
+    y = act(depthwise(x, w) + bias): each output row gets the bias and the activation while it is still in cache,
+    bit for bit what :func:`kernels.batchnorm.bias_act_forward` gives on the plain output.
 
     Args:
         x: (N, H, W, C) float32 or float64, any strides.
         w: (KH, KW, C, M), same dtype; M is the depth multiplier.
         stride: int or (sh, sw).
         padding: 'same' (TensorFlow rule, odd pad bottom/right), 'valid', int or (ph, pw).
+        bias: optional (C*M,) per output channel, same dtype.
+        act: None, 'relu' or 'relu6', applied after the bias (with or without one).
 
     Returns:
         y: (N, OH, OW, C*M), x's dtype; channel c*M + m is input channel c through filter m.
@@ -526,15 +545,26 @@ def depthwise_forward(x, w, *, stride=1, padding="valid"):
     _check_channels(x.shape, w.shape, _W_LEGEND)
     N, H, W, C = x.shape
     KH, KW, _, M = w.shape
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of None, 'relu', 'relu6', got {act!r}")
+    if bias is not None:
+        check_float_array("bias", bias, 1, "(C*M,)")
+        check_shape("bias", bias, (C * M,))
+        check_same_dtype(x=x, bias=bias)
+    lo, hi = (x.dtype.type(v) for v in ACTIVATIONS[act])
+    if bias is None:
+        bias = np.zeros(C * M if act is not None else 0, x.dtype)  # empty: no output pass at all
     g = conv_geometry(H, W, (KH, KW), stride, padding)
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     y = np.empty((N, g.oh, g.ow, C * M), x.dtype)
+    bias = np.ascontiguousarray(bias)
     if _use_3x3(KH, KW, sh, sw, g.ow):
-        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), work=_work(y))
+        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), bias, lo, hi, work=_work(y))
     elif _use_3x3_s2(KH, KW, sh, sw, g.ow):
-        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, work=_work(y))
+        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, bias, lo, hi,
+                      work=_work(y))
     else:
-        _forward(y, _expand(x, M), _tiled(w, g.ow), sh, sw, g.pt, g.pl, work=_work(y))
+        _forward(y, _expand(x, M), _tiled(w, g.ow), sh, sw, g.pt, g.pl, bias, lo, hi, work=_work(y))
     return y
 
 
@@ -571,7 +601,7 @@ def _input_gradient(dy, w, x_shape, g, sh, sw):
         # Stride 1: dx[ih, iw] = sum_{kh, kw} dy[ih + pt - kh, iw + pl - kw] w[kh, kw] is a forward depthwise conv
         # of dy with the kernel flipped in both axes and padding 2 - pt, 2 - pl (dy rows outside [0, OH) are 0).
         _forward3x3(dx, np.ascontiguousarray(dy), _flat(w[::-1, ::-1]), 2 - g.pt, 2 - g.pl, _blocks(dy),
-                    work=_work(dy))
+                    *_NO_OUTPUT_PASS[dy.dtype.type], work=_work(dy))
     else:
         _backward_input(dx, np.ascontiguousarray(dy), _tiled(w, g.ow), sh, sw, g.pt, g.pl, work=_work(dy))
     return dx if M == 1 else dx.reshape(N, H, W, C, M).sum(axis=4)  # (N, H, W, C)

@@ -117,7 +117,7 @@ DY = np.zeros((2, 3, 3, 4))
     (lambda: conv2d_forward(X.astype(np.int64), W), TypeError, ["x", "int64"]),
     (lambda: conv2d_forward(X.astype(np.float32), W), TypeError, ["x=float32", "w=float64"]),
     (lambda: conv2d_forward(X, W, np.zeros(4, np.float32)), TypeError, ["b=float32"]),
-    (lambda: conv2d_forward(X, W, np.zeros(3)), ValueError, ["b", "(4)"]),
+    (lambda: conv2d_forward(X, W, np.zeros(3)), ValueError, ["b", "(4,)"]),
     (lambda: conv2d_forward([[1.0]], W), TypeError, ["x", "list"]),
     (lambda: conv2d_forward(X, W, stride=0), ValueError, ["stride", ">= 1"]),
     (lambda: conv2d_forward(X, W, stride=1.5), TypeError, ["stride"]),

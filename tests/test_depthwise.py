@@ -150,7 +150,8 @@ def test_3x3_stride1_kernel_over_geometry(N, H, W, C, padding, blocks, seed):
     runs = []
     for nblk in (1, blocks):
         y = np.empty((N, g.oh, g.ow, C))
-        depthwise._forward3x3.serial(y, x, depthwise._flat(w), g.pt, g.pl, nblk)
+        depthwise._forward3x3.serial(y, x, depthwise._flat(w), g.pt, g.pl, nblk,
+                                     *depthwise._NO_OUTPUT_PASS[np.float64])
         runs.append(y)
     assert_close(runs[0], want, rtol=1e-12, name="y")
     np.testing.assert_array_equal(runs[0], runs[1])
@@ -303,3 +304,64 @@ def test_bad_input_raises_naming_the_argument(call, error, names):
         call()
     for name in names:
         assert name in str(info.value)
+
+
+# ---- output pass: bias and activation in the forward kernels (a batch norm folded for inference) ----
+
+def _with_output_pass_oracle(y, bias, act):
+    lo, hi = {None: (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}[act]
+    return np.clip(y + (0 if bias is None else bias), lo, hi).astype(y.dtype)
+
+
+@given(case=oracle.window_cases(depthwise=True), act=st.sampled_from([None, "relu", "relu6"]),
+       with_bias=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_output_pass_is_bitwise_the_plain_forward_then_bias_act(case, act, with_bias, dtype):
+    """Over every geometry (so every path: the 3x3 ring, the 3x3 stride-2 kernel, the generic loops), the fused
+    bias + activation gives the very bits of the plain forward followed by kernels.batchnorm.bias_act_forward, and
+    the oracle's values."""
+    from kernels.batchnorm import bias_act_forward
+    rng, x, w = _inputs(case)
+    x, w = x.astype(dtype), w.astype(dtype)
+    bias = rng.standard_normal(case["C"] * case["M"]).astype(dtype) if with_bias else None
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    plain = depthwise_forward(x, w, **kw)
+    got = depthwise_forward(x, w, bias=bias, act=act, **kw)
+    want = bias_act_forward(plain, np.zeros(plain.shape[-1], dtype) if bias is None else bias, act=act)
+    np.testing.assert_array_equal(got, want)
+    ref = _with_output_pass_oracle(oracle.depthwise_forward(x.astype(np.float64), w.astype(np.float64), **kw),
+                                   bias, act)
+    assert_close(got, ref, rtol=1e-12 if dtype == np.float64 else 1e-5, name="y")
+
+
+@pytest.mark.parametrize("shape, stride", [((32, 16, 16, 32), 1), ((32, 16, 16, 32), 2), ((4, 2, 2, 64), 1)])
+def test_output_pass_on_parallel_maps_and_relu6(shape, stride):
+    """Large enough to run on every thread: the parallel builds apply the pass to each of their rows."""
+    from kernels.batchnorm import bias_act_forward
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32) * 4
+    w = rng.standard_normal((3, 3, shape[3], 1)).astype(np.float32)
+    b = rng.standard_normal(shape[3]).astype(np.float32)
+    got = depthwise_forward(x, w, stride=stride, padding="same", bias=b, act="relu6")
+    np.testing.assert_array_equal(got, bias_act_forward(depthwise_forward(x, w, stride=stride, padding="same"), b,
+                                                        act="relu6"))
+    assert got.min() == 0.0 and got.max() == 6.0  # both ends of ReLU6 were reached
+
+
+def test_output_pass_propagates_nan():
+    x = np.ones((1, 6, 6, 4), np.float32)
+    x[0, 2, 2, 1] = np.nan
+    y = depthwise_forward(x, np.ones((3, 3, 4, 1), np.float32), padding="same", bias=np.zeros(4, np.float32),
+                          act="relu")
+    assert np.isnan(y[0, 1:4, 1:4, 1]).all() and not np.isnan(np.delete(y, 1, axis=3)).any()
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(bias=np.zeros(3, np.float32)), ValueError, r"bias must have shape \(4,\)"),
+    (dict(bias=np.zeros(4)), TypeError, "share one dtype"),
+    (dict(bias=np.zeros((4, 1), np.float32)), ValueError, "bias must be 1-D"),
+    (dict(act="tanh"), ValueError, "act must be one of"),
+])
+def test_output_pass_rejects_bad_arguments(kw, err, match):
+    x, w = np.ones((1, 5, 5, 2), np.float32), np.ones((3, 3, 2, 2), np.float32)
+    with pytest.raises(err, match=match):
+        depthwise_forward(x, w, padding="same", **kw)

@@ -340,3 +340,62 @@ def test_layer_input_errors_name_the_layer():
     assert isinstance(BatchNormAct(4).bn, BatchNorm)
     with pytest.raises(ValueError, match="activation must be one of"):
         BatchNormAct(4, "gelu")
+
+
+# ---- bias + activation: what is left of batch norm once folded into the convolution before it ----
+
+@given(case=nhwc_cases(), flat=st.booleans(), act=ACTS, dtype=st.sampled_from([np.float32, np.float64]),
+       in_place=st.booleans())
+def test_bias_act_matches_the_composed_oracles_in_place_or_not(case, flat, act, dtype, in_place):
+    """act(x + bias) as the activation oracle computes it, to the bit, from any layout; in place (out=x, the
+    one-array kernel) and into a new array give the same bits."""
+    from kernels.batchnorm import bias_act_forward
+    shape, seed, layout = case
+    if flat:
+        shape = (shape[0] * shape[1], shape[3])
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 4).astype(dtype)
+    bias = rng.standard_normal(shape[-1]).astype(dtype)
+    want = ORACLES[act][0](x + bias)  # the same operations in x's dtype: exact equality expected
+    if in_place:
+        z = x.copy()
+        got = bias_act_forward(z, bias, act=act, out=z)
+        assert got is z
+    else:
+        got = bias_act_forward(with_layout(x, layout), bias, act=act)
+    np.testing.assert_array_equal(got, want.astype(dtype))
+
+
+def test_bias_act_on_a_parallel_map_and_nan():
+    from kernels.batchnorm import bias_act_forward
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 32, 32, 64)) * 8).astype(np.float32)  # 1 M values: the parallel builds
+    x[3, 4, 5, 6] = np.nan
+    bias = rng.standard_normal(64).astype(np.float32)
+    y = bias_act_forward(x, bias, act="relu6")
+    z = x.copy()
+    bias_act_forward(z, bias, act="relu6", out=z)
+    np.testing.assert_array_equal(y, z)
+    assert np.isnan(y[3, 4, 5, 6]) and np.isnan(y).sum() == 1
+    np.testing.assert_array_equal(np.nan_to_num(y, nan=-1), np.nan_to_num(np.clip(x + bias, 0, 6), nan=-1))
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(bias=np.zeros(3, np.float32)), ValueError, r"bias must have shape \(4,\)"),
+    (dict(bias=np.zeros(4)), TypeError, "share one dtype"),
+    (dict(act="gelu"), ValueError, "act must be one of"),
+    (dict(out=np.zeros((2, 3, 3, 4), np.float64)), ValueError, "out must have shape"),
+])
+def test_bias_act_rejects_bad_arguments(kw, err, match):
+    from kernels.batchnorm import bias_act_forward
+    args = dict(bias=np.zeros(4, np.float32))
+    args.update(kw)
+    with pytest.raises(err, match=match):
+        bias_act_forward(np.ones((2, 3, 3, 4), np.float32), **args)
+
+
+def test_bias_act_rejects_an_out_that_overlaps_x_without_being_it():
+    from kernels.batchnorm import bias_act_forward
+    buf = np.zeros((2, 3, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="out must be x itself or not overlap it"):
+        bias_act_forward(buf, np.zeros(4, np.float32), out=buf.reshape(2, 3, 3, 4)[...])

@@ -117,7 +117,7 @@ DY = np.zeros((2, 3, 3, 5))
     (lambda: pointwise_forward(X, np.zeros((3, 5))), ValueError, ["w", "C=4"]),
     (lambda: pointwise_forward(X.astype(np.int64), W), TypeError, ["x", "int64"]),
     (lambda: pointwise_forward(X, W.astype(np.float32)), TypeError, ["x=float64", "w=float32"]),
-    (lambda: pointwise_forward(X, W, np.zeros(4)), ValueError, ["b", "(5)"]),
+    (lambda: pointwise_forward(X, W, np.zeros(4)), ValueError, ["b", "(5,)"]),
     (lambda: pointwise_forward(X, W, np.zeros(5, np.float32)), TypeError, ["b=float32"]),
     (lambda: pointwise_forward(X, W, out=np.zeros((2, 3, 3, 4))), ValueError, ["out", "(2, 3, 3, 5)"]),
     (lambda: pointwise_forward(X, W, out=np.zeros((2, 3, 3, 5), np.float32)), TypeError, ["out", "float64"]),
