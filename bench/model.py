@@ -46,6 +46,10 @@ import numpy as np
 from bench import _harness as h
 
 MODULE = "bench.model"
+# Inference is also timed with batch norm folded into the convolutions, on both sides (tinyconv.fold and
+# PyTorch's fuse_conv_bn_eval, channels_last): each engine's best inference path is what the ratio compares.
+FOLDED = "folded"
+_OURS = {"plain": "ours", FOLDED: "ours folded"}
 DEFAULT_OUT = "bench/results/model.md"
 DEFAULT_REPEATS = 5
 LR, MOMENTUM = 0.01, 0.9
@@ -176,9 +180,12 @@ def ours_setup(case):
     """tinyconv worker: build the case's model and batch; returns the weights, for the torch worker to copy."""
     h.clear_registered()
     _STATE.clear()
+    from tinyconv.fold import fold_batchnorm
     model = build_ours(case)
     x, y = batch(case)
     _STATE.update(case=case, model=model, x=x, y=y)
+    if case.mode == "infer":
+        _STATE["folded"] = fold_batchnorm(model)
     return weights_of(model)
 
 
@@ -190,7 +197,8 @@ def ours_outputs():
     case, model, x, y = (_STATE[k] for k in ("case", "model", "x", "y"))
     if case.mode == "infer":
         model.eval()
-        return {"logits": model.forward(x, training=False)}
+        return {"logits": {"plain": model.forward(x, training=False),
+                           "folded": _STATE["folded"].forward(x, training=False)}}
     model64 = build_ours(case).astype(np.float64)
     restores = [_dropout_off(m.layers) for m in (model, model64)]
     try:
@@ -211,8 +219,11 @@ def ours_outputs():
 
 
 def ours_arm():
-    """tinyconv worker: register the step (or inference forward) as 'ours' for the parent to time."""
+    """tinyconv worker: register the step (or inference forward) as 'ours' for the parent to time, and for
+    inference the forward of the batch-norm-folded model as 'ours folded'."""
     h.register("ours", ours_step(_STATE["model"], _STATE["case"], _STATE["x"], _STATE["y"]))
+    if _STATE["case"].mode == "infer":
+        h.register("ours folded", ours_step(_STATE["folded"], _STATE["case"], _STATE["x"], _STATE["y"]))
 
 
 def ours_profile(steps):
@@ -231,7 +242,7 @@ def torch_setup(case, weights):
     """torch worker: the case's model in both layouts holding ``weights`` (from :func:`ours_setup`), and the
     same batch."""
     import torch
-    from bench.torch_mobilenet import copy_weights, mobilenet_v1 as torch_mobilenet
+    from bench.torch_mobilenet import copy_weights, fold_batchnorm, mobilenet_v1 as torch_mobilenet
     h.clear_registered()
     _STATE.clear()
     x, y = batch(case)
@@ -242,6 +253,9 @@ def torch_setup(case, weights):
                              in_channels=case.in_channels, dropout=case.dropout)
         copy_weights(tm, weights)
         tmodels[lay] = tm if lay == "NCHW" else tm.to(memory_format=torch.channels_last)
+    if case.mode == "infer":
+        tmodels[FOLDED] = fold_batchnorm(tmodels["channels_last"]).to(memory_format=torch.channels_last)
+        xts[FOLDED] = xts["channels_last"]
     _STATE.update(case=case, tmodels=tmodels, xts=xts, yt=yt, params=[(n, list(p)) for n, _, p, _ in weights])
 
 
@@ -298,8 +312,8 @@ def validate(case, ours, theirs):
     sits at 0 can take either branch in float32, which moves that layer's gradients by a few percent in either
     engine; a wrong backward is off by O(1).
     """
-    if case.mode == "infer":
-        err = max(h.rel_error(ours["logits"], t) for t in theirs["logits"].values())
+    if case.mode == "infer":  # every pair of our models (plain, folded) and PyTorch's (layouts, folded)
+        err = max(h.rel_error(o, t) for o in ours["logits"].values() for t in theirs["logits"].values())
         return f"logits rel. err {err:.1e}", err, err <= 1e-3
     if set(ours["grads"]) != set(theirs["grads"]):
         only_ours, only_torch = set(ours["grads"]) - set(theirs["grads"]), set(theirs["grads"]) - set(ours["grads"])
@@ -327,29 +341,42 @@ def speed(workers, case, repeats, warmup):
     check, err, ok = validate(case, tc.call(ours_outputs), tw.call(torch_outputs))
     tc.call(ours_arm)
     tw.call(torch_arm)
-    fns = {"ours": h.Remote(tc, "ours"), **{f"torch {lay}": h.Remote(tw, f"torch {lay}")
-                                             for lay in ("NCHW", "channels_last")}}
+    variants = ("plain", FOLDED) if case.mode == "infer" else ("plain",)
+    layouts = ("NCHW", "channels_last") + ((FOLDED,) if case.mode == "infer" else ())
+    fns = {**{_OURS[v]: h.Remote(tc, _OURS[v]) for v in variants},
+           **{f"torch {lay}": h.Remote(tw, f"torch {lay}") for lay in layouts}}
     med, fastest = h.time_interleaved(fns, repeats=repeats, warmup=warmup, min_sample=0.0, settle=SETTLE,
                                       best=True)
     torch_fastest = min(v for k, v in fastest.items() if k.startswith("torch"))
+    ours_fastest = min(fastest[_OURS[v]] for v in variants)
     torch_times = {k.split(" ", 1)[1]: v for k, v in med.items() if k.startswith("torch")}
+    ours_times = {v: med[_OURS[v]] for v in variants}
     best = min(torch_times, key=torch_times.get)
-    return dict(case=case, check=check, error=err, ok=ok, ours=med["ours"], torch=torch_times, best=best,
-                ratio=torch_times[best] / med["ours"], fastest_ratio=torch_fastest / fastest["ours"],
-                ours_fastest=fastest["ours"])
+    ours_best = min(ours_times, key=ours_times.get)
+    return dict(case=case, check=check, error=err, ok=ok, ours=ours_times[ours_best], ours_times=ours_times,
+                ours_best=ours_best, torch=torch_times, best=best, ratio=torch_times[best] / ours_times[ours_best],
+                fastest_ratio=torch_fastest / ours_fastest, ours_fastest=ours_fastest)
+
+
+def _torch_label(layout):
+    return "channels_last, folded" if layout == FOLDED else layout
 
 
 def speed_row(r):
     c = r["case"]
     t = r["torch"][r["best"]]
-    return [c.name, r["check"] + ("" if r["ok"] else " FAIL"), h.fmt_ms(r["ours"]), f"{c.batch / r['ours']:.1f}",
-            h.fmt_ms(r["torch"]["NCHW"]), h.fmt_ms(r["torch"]["channels_last"]), f"{c.batch / t:.1f}",
-            h.fmt_ratio(r["ratio"]), h.fmt_ratio(r["fastest_ratio"]), "-" if c.target is None else f">= {c.target:g}x",
+
+    def ms(times, key):
+        return h.fmt_ms(times[key]) if key in times else "-"
+    return [c.name, r["check"] + ("" if r["ok"] else " FAIL"), ms(r["ours_times"], "plain"),
+            ms(r["ours_times"], FOLDED), f"{c.batch / r['ours']:.1f}", ms(r["torch"], "NCHW"),
+            ms(r["torch"], "channels_last"), ms(r["torch"], FOLDED), f"{c.batch / t:.1f}", h.fmt_ratio(r["ratio"]),
+            h.fmt_ratio(r["fastest_ratio"]), "-" if c.target is None else f">= {c.target:g}x",
             h.verdict(r["ratio"], c.target)]
 
 
-SPEED_HEADERS = ["case", "validation", "ours ms", "ours img/s", "torch NCHW ms", "torch CL ms", "torch img/s",
-                 "torch/ours", "fastest torch/ours", "target", ""]
+SPEED_HEADERS = ["case", "validation", "ours ms", "ours folded ms", "ours img/s", "torch NCHW ms", "torch CL ms",
+                 "torch CL folded ms", "torch img/s", "torch/ours", "fastest torch/ours", "target", ""]
 
 
 # --- per-layer profile from hooks -------------------------------------------------------------------------------
@@ -507,18 +534,24 @@ def memory_child(engine, case_name, layout):
     x, y = batch(case)
     small = SETUP_IMAGES
     if engine == "ours":
+        from tinyconv.fold import fold_batchnorm
         h.set_threads()
         model = build_ours(case)
+        if layout == FOLDED:  # for ours, 'layout' names the variant
+            model = fold_batchnorm(model)
         make_step = functools.partial(ours_step, model, case)
         setup, step = make_step(x[:small].copy(), y[:small].copy()), make_step(x, y)
     else:
         import torch
-        from bench.torch_mobilenet import mobilenet_v1 as torch_mobilenet
+        from bench.torch_mobilenet import fold_batchnorm, mobilenet_v1 as torch_mobilenet
         h.set_threads(torch)
         tm = torch_mobilenet(alpha=case.alpha, resolution=case.resolution, classes=case.classes,
                              in_channels=case.in_channels, dropout=case.dropout)
-        if layout == "channels_last":
+        if layout != "NCHW":
             tm = tm.to(memory_format=torch.channels_last)
+        if layout == FOLDED:
+            tm = fold_batchnorm(tm).to(memory_format=torch.channels_last)
+            layout = "channels_last"  # its input
         xts, yt = torch_inputs(torch, x, y)
         xs, ys = torch_inputs(torch, x[:small].copy(), y[:small].copy())
         setup, step = torch_step(torch, tm, case, xs[layout], ys), torch_step(torch, tm, case, xts[layout], yt)
@@ -539,9 +572,11 @@ def _reset_peak():
         f.write("5")
 
 
-def memory(case, layout):
-    """(ours, torch) dicts {before, peak} in MiB, each engine measured in its own subprocess."""
-    return tuple(_run_child(["--child", "memory", engine, case.name, layout]) for engine in ("ours", "torch"))
+def memory(case, layout, variant="plain"):
+    """(ours, torch) dicts {before, peak} in MiB, each engine measured in its own subprocess: torch in ``layout``,
+    ours as ``variant`` ('plain' or folded)."""
+    return tuple(_run_child(["--child", "memory", engine, case.name, how])
+                 for engine, how in (("ours", variant), ("torch", layout)))
 
 
 def _public_kernel_calls():
@@ -557,6 +592,7 @@ def _public_kernel_calls():
     yd = np.ones((2, 6, 6, 3), f)
     y4 = np.ones((2, 6, 6, 4), f)
     xw, ww = np.ones((1, 16, 16, 256), f), np.ones((3, 3, 256, 1), f)
+    xb = x.copy()  # bias_act_forward in place
     _, x_hat, inv_std = bn.batchnorm_forward_train(x, c, c, c.copy(), c.copy())
     _, act_mean, act_inv_std = bn.batchnorm_act_forward_train(x, c, c, c.copy(), c.copy())
     _, argmax = pool.maxpool_forward(x, kernel_size=2)
@@ -595,6 +631,7 @@ def _public_kernel_calls():
         ("batchnorm_act_forward_train", lambda: bn.batchnorm_act_forward_train(x, c, c, c.copy(), c.copy())),
         ("batchnorm_act_forward_eval", lambda: bn.batchnorm_act_forward_eval(x, c, c, c, c)),
         ("batchnorm_act_backward", lambda: bn.batchnorm_act_backward(x, x, act_mean, act_inv_std, c, c)),
+        ("bias_act_forward", lambda: [bn.bias_act_forward(x, c), bn.bias_act_forward(xb, c, out=xb)]),
         ("sgd_update", lambda: op.sgd_update(wp.copy(), wp, np.zeros_like(wp), lr=0.1, momentum=0.9,
                                              weight_decay=0.0, nesterov=True)),
         ("relu_forward", lambda: a.relu_forward(x)),
@@ -740,18 +777,24 @@ def main(argv=None):
                     blocks_table = (case, tc.call(ours_blocks, 3, 1))
                     print(f"\nblocks\n{blocks_table[1]}", flush=True)
             if case.target is not None:
-                headline.append([f"{case.name} img/s", f"{case.batch / r['ours']:.1f}",
-                                 f"{case.batch / r['torch'][r['best']]:.1f} ({r['best']})",
+                folded = " (folded)" if r["ours_best"] == FOLDED else ""
+                headline.append([f"{case.name} img/s", f"{case.batch / r['ours']:.1f}{folded}",
+                                 f"{case.batch / r['torch'][r['best']]:.1f} ({_torch_label(r['best'])})",
                                  f"{h.fmt_ratio(r['ratio'])} (fastest {h.fmt_ratio(r['fastest_ratio'])})",
                                  f">= {case.target:g}x", h.verdict(r["ratio"], case.target)])
         header = h.machine_header([tc, tw], load_at_start)
     header.append(f"Each engine {h.THREADS} threads in its own worker process; medians of {repeats} interleaved "
-                  f"repeats (ours, torch NCHW, torch channels_last: one step each in turn, {SETTLE * 1e3:g} ms "
+                  f"repeats (ours, torch NCHW, torch channels_last, and for inference both engines with batch "
+                  f"norm folded: one step each in turn, {SETTLE * 1e3:g} ms "
                   f"apart, the other engine's worker paused meanwhile) after {warmup} warm-up steps; float32; "
                   f"SGD lr {LR} momentum {MOMENTUM}")
     print("\n" + "\n".join(header), flush=True)
     sections.append("## Speed: images/s, ours against PyTorch on identical weights\n\n"
-                    "*torch/ours* > 1 means ours is faster (ratio of PyTorch's best layout's median time to ours); "
+                    "*torch/ours* > 1 means ours is faster (ratio of PyTorch's best layout's median time to our "
+                    "best); inference runs each engine as built and with batch norm folded into the convolutions "
+                    "(*folded*: ours `tinyconv.fold.fold_batchnorm`, whose depthwise kernels also add the bias and "
+                    "apply the ReLU on each output row; PyTorch `torch.nn.utils.fusion.fuse_conv_bn_eval`, "
+                    "channels_last, its ReLU a pass of its own), and the ratio takes each engine's best; "
                     "*fastest torch/ours*: the same for each side's fastest sample, what each engine does when "
                     "the shared machine leaves it alone (the medians are the figures of record); "
                     "validation at each case's shape before timing. Each engine runs in its own persistent "
@@ -761,12 +804,13 @@ def main(argv=None):
 
     mem_rows = []
     for r in results:
-        ours_m, torch_m = memory(r["case"], r["best"])
+        ours_m, torch_m = memory(r["case"], r["best"], r["ours_best"])
         ours_setup, torch_setup = ours_m["set_up"] - ours_m["before"], torch_m["set_up"] - torch_m["before"]
         ours_step_m = ours_m["steps_peak"] - ours_m["set_up"]
         torch_step_m = torch_m["steps_peak"] - torch_m["set_up"]
         mem_rows.append([r["case"].name, f"{ours_m['peak']:.0f}", f"{ours_setup:.0f}", f"{ours_step_m:.0f}",
-                         f"{torch_m['peak']:.0f} ({r['best']})", f"{torch_setup:.0f}", f"{torch_step_m:.0f}",
+                         f"{torch_m['peak']:.0f} ({_torch_label(r['best'])})", f"{torch_setup:.0f}",
+                         f"{torch_step_m:.0f}",
                          h.fmt_ratio(torch_step_m / ours_step_m if min(ours_step_m, torch_step_m) >= 1 else None)])
         print(f"memory {r['case'].name}: ours peak {ours_m['peak']:.0f} MiB (set-up +{ours_setup:.0f}, "
               f"steps +{ours_step_m:.0f}), torch {torch_m['peak']:.0f} MiB (+{torch_setup:.0f}, "

@@ -13,6 +13,7 @@ Module names are tinyconv's (``conv1``, ``conv_dw_1_bn``, ``conv_pw_13_relu``, `
 outputs; :func:`copy_weights` does the same across processes (the benchmarks' tinyconv worker
 sends its model's weights to the torch worker). Only ``bench/`` imports this file (and torch).
 """
+import copy
 import math
 from collections import OrderedDict
 
@@ -98,6 +99,26 @@ def mobilenet_v1(*, alpha=1.0, resolution=224, classes=1000, in_channels=3, drop
     nn.init.zeros_(fc.bias)
     layers["conv_preds"] = fc
     return nn.Sequential(layers)
+
+
+def fold_batchnorm(torch_model):
+    """An inference copy of ``torch_model`` with every batch norm folded into the convolution before it.
+
+    PyTorch's own ``torch.nn.utils.fusion.fuse_conv_bn_eval`` on each (conv, batch norm) pair, the batch norm
+    replaced by ``nn.Identity``; the ReLU stays a module of its own (eager PyTorch has no fused activation). The
+    benchmarks' peer of ``tinyconv.fold.fold_batchnorm``, so both engines are timed at their best inference path.
+
+    Returns:
+        A new nn.Sequential in eval mode, the same layout as the input's parameters.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    children = OrderedDict(copy.deepcopy(torch_model).eval().named_children())
+    names = list(children)
+    for name, nxt in zip(names, names[1:]):
+        if isinstance(children[name], nn.Conv2d) and isinstance(children[nxt], nn.BatchNorm2d):
+            children[name] = fuse_conv_bn_eval(children[name], children[nxt])
+            children[nxt] = nn.Identity()
+    return nn.Sequential(children).eval()
 
 
 def copy_weights(torch_model, weights):

@@ -143,7 +143,11 @@ def test_model_validation_profile_and_blocks_on_a_tiny_case(workers):
     assert "Conv DW 3x3" in table and "Conv 1x1" in table
     assert "0.1424" in tc.call(bm.ours_blocks, 1, 0)  # block 1: 1/16 + 1/9 at alpha 0.25
     infer = bm.speed(workers, case._replace(mode="infer"), repeats=1, warmup=0)
-    assert infer["ok"], infer["check"]
+    assert infer["ok"], infer["check"]  # our plain and folded logits against every PyTorch model's
+    assert set(infer["torch"]) == {"NCHW", "channels_last", bm.FOLDED}
+    assert set(infer["ours_times"]) == {"plain", bm.FOLDED}
+    assert infer["ours"] == min(infer["ours_times"].values())
+    assert len(bm.speed_row(infer)) == len(bm.SPEED_HEADERS) == len(bm.speed_row(r))
     assert not tc.call(h.imported, "torch")
 
 
