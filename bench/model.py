@@ -609,7 +609,10 @@ def _public_kernel_calls():
         ("im2col", lambda: conv.im2col(x, w3.shape, stride=2, padding="same")),
         # a 6x6 map takes the stride-1 3x3 kernel; a 2x2 map and the stride-2 input gradient the generic loops
         ("depthwise_forward", lambda: [dw.depthwise_forward(x, wd, padding="same"),
-                                       dw.depthwise_forward(x2, wd, padding="same")]),
+                                       dw.depthwise_forward(x2, wd, padding="same"),
+                                       dw.depthwise_forward(x, wd, padding="same", bias=c, act="relu", in_bias=c,
+                                                            in_act="relu")]),
+        ("input_pass_is_free", lambda: dw.input_pass_is_free(3, 1, "same", x.shape[1:])),
         ("depthwise_backward_input", lambda: [dw.depthwise_backward_input(yd, wd, x.shape, padding="same"),
                                               dw.depthwise_backward_input(y2[..., :3], wd, x.shape, stride=2,
                                                                           padding="same")]),

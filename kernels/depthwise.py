@@ -33,7 +33,7 @@ from numba import prange
 from ._check import check_float_array, check_same_dtype, check_shape
 from . import _jit
 from ._jit import fast_kernel, fast_sized_kernel, kernel, parallel_kernel, sized_kernel
-from .batchnorm import ACTIVATIONS, _bias_act_row
+from .batchnorm import ACTIVATIONS, _bias_act_row, bias_act_forward
 from .conv import _check_channels, _check_dy, _check_shape_arg
 from .geometry import conv_geometry, normalize_window
 
@@ -46,8 +46,8 @@ _MIN_CHANNELS_WEIGHT_COLS = 256
 
 _W_LEGEND = "(KH, KW, C, M)"
 
-# (bias, lo, hi) for the forward kernels when nothing follows the convolution: an empty bias skips the output pass.
-_NO_OUTPUT_PASS = {t: (np.zeros(0, t), t(-np.inf), t(np.inf)) for t in (np.float32, np.float64)}
+# (bias, lo, hi) of an output or input pass that does not happen: an empty bias skips it.
+_NO_PASS = {t: (np.zeros(0, t), t(-np.inf), t(np.inf)) for t in (np.float32, np.float64)}
 
 
 @kernel
@@ -330,13 +330,14 @@ def _row3x3(yrow, a, b, d, wf, C):
 
 
 @kernel
-def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last):
+def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last, in_bias, in_lo, in_hi):
     """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows).
 
     ring (3, (OW + 2)*C) keeps input row i in slot i % 3, input column iw at padded column iw + pl, so that
     consecutive output rows copy one new input row each; held (3,) says which row each slot holds (base + i, or
     -1 for a padding row: all zeros). Input columns [first, last) are copied; padded columns outside the input
-    are never written and stay zero.
+    are never written and stay zero. A non-empty in_bias (C,) maps each copied row to clip(row + in_bias, in_lo,
+    in_hi) (:func:`_bias_act_row`) in cache: the output pass of the layer before, deferred to this copy.
     """
     u = np.uint64
     for t in range(3):
@@ -352,6 +353,8 @@ def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last):
                 d0, s0 = u((first + pl) * C), u(first * C)
                 for j in range(u((last - first) * C)):
                     row[d0 + j] = src[s0 + j]
+                if in_bias.shape[0] > 0:
+                    _bias_act_row(row[(first + pl) * C:(last + pl) * C], in_bias, in_lo, in_hi)
             held[slot] = key
     return ring[ih % 3], ring[(ih + 1) % 3], ring[(ih + 2) % 3]
 
@@ -364,10 +367,11 @@ def _span3x3(W, OW, pl):
 
 
 @fast_sized_kernel
-def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi):
+def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, in_hi):
     """Stride-1 3x3 depthwise conv. y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C);
     wf: (9*C,) weights, entry (kh*3 + kw)*C + c; pt and pl may be any ints; bias (C,), act_lo, act_hi: the
-    output pass of :func:`_bias_act_row`, none when bias is empty (0,). Output rows are split into ``blocks``
+    output pass of :func:`_bias_act_row`, none when bias is empty (0,); in_bias, in_lo, in_hi: the same on the
+    input rows as they enter the ring (the previous layer's output pass). Output rows are split into ``blocks``
     runs, each with its own ring of padded input rows (:func:`_ring_rows`); the split changes no value."""
     N, OH, OW, C = y.shape
     H, W = x.shape[1], x.shape[2]
@@ -380,14 +384,15 @@ def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi):
         held = np.full(3, -1, np.int64)
         for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
             n = r // OH
-            a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last)
+            a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last, in_bias, in_lo,
+                                 in_hi)
             _row3x3(yrows[r], a, b, d, wf, C)
             if bias.shape[0] > 0:
                 _bias_act_row(yrows[r], bias, act_lo, act_hi)
 
 
 @parallel_kernel
-def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one):
+def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one, no_bias, no_lo, no_hi):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
     partial: (B, KH, KW, L) output as in :func:`_backward_weight`; dy: (N, OH, OW, C); x: (N, H, W, C);
     wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; one: the int 1,
@@ -428,7 +433,8 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one):
             i = i0 + j
             if i < i1:
                 n = i // H
-                a, b, d = _ring_rows(ring, held, dyrows, n * OH, OH, i - n * H - qt, ql, C, first, last)
+                a, b, d = _ring_rows(ring, held, dyrows, n * OH, OH, i - n * H - qt, ql, C, first, last, no_bias,
+                                     no_lo, no_hi)
                 _row3x3(dxrows[i], a, b, d, wf, C)
 
 
@@ -521,12 +527,16 @@ def _expand(x, M):
     return x if M == 1 else np.repeat(x, M, axis=3)  # (N, H, W, C*M)
 
 
-def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None):
+def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None, in_bias=None, in_act=None):
     """Depthwise convolution: each input channel convolved with its own M filters, optionally followed by a
-    per-channel bias and an activation computed in the same pass (a batch norm folded for inference).
+    per-channel bias and an activation computed in the same pass (a batch norm folded for inference), and
+    optionally preceded by the same on its input (the previous layer's, deferred).
 
-    y = act(depthwise(x, w) + bias): each output row gets the bias and the activation while it is still in cache,
-    bit for bit what :func:`kernels.batchnorm.bias_act_forward` gives on the plain output.
+    y = act(depthwise(in_act(x + in_bias), w) + bias), the padding zeros added after in_act: bit for bit
+    :func:`kernels.batchnorm.bias_act_forward` on x, the plain forward, then ``bias_act_forward`` on its output.
+    Each output row gets its bias and activation while it is still in cache. The input pass costs nothing extra
+    where the stride-1 3x3 kernel copies each input row into its ring anyway (maps at least 4 columns wide, see
+    :func:`input_pass_is_free`); elsewhere it is a pass of its own over x.
 
     Args:
         x: (N, H, W, C) float32 or float64, any strides.
@@ -535,6 +545,8 @@ def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None):
         padding: 'same' (TensorFlow rule, odd pad bottom/right), 'valid', int or (ph, pw).
         bias: optional (C*M,) per output channel, same dtype.
         act: None, 'relu' or 'relu6', applied after the bias (with or without one).
+        in_bias: optional (C,) per input channel, same dtype, added to x first.
+        in_act: None, 'relu' or 'relu6', applied to x after in_bias (with or without one).
 
     Returns:
         y: (N, OH, OW, C*M), x's dtype; channel c*M + m is input channel c through filter m.
@@ -545,21 +557,61 @@ def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None):
     _check_channels(x.shape, w.shape, _W_LEGEND)
     N, H, W, C = x.shape
     KH, KW, _, M = w.shape
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of None, 'relu', 'relu6', got {act!r}")
-    if bias is not None:
-        check_float_array("bias", bias, 1, "(C*M,)")
-        check_shape("bias", bias, (C * M,))
-        check_same_dtype(x=x, bias=bias)
-    lo, hi = (x.dtype.type(v) for v in ACTIVATIONS[act])
-    if bias is None:
-        bias = np.zeros(C * M if act is not None else 0, x.dtype)  # empty: no output pass at all
+    out_pass = _pass_args("bias", bias, "act", act, C * M, x.dtype)
+    in_pass = _pass_args("in_bias", in_bias, "in_act", in_act, C, x.dtype)
     g = conv_geometry(H, W, (KH, KW), stride, padding)
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
+    ring = _use_3x3(KH, KW, sh, sw, g.ow)
+    if in_pass[0].size and not (ring and M == 1):  # no input copy to fold the input pass into: a pass of its own
+        x = bias_act_forward(x, in_pass[0], act=in_act)
+        in_pass = _NO_PASS[x.dtype.type]
     y = np.empty((N, g.oh, g.ow, C * M), x.dtype)
-    bias = np.ascontiguousarray(bias)
+    if ring:
+        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), *out_pass, *in_pass, work=_work(y))
+    elif _use_3x3_s2(KH, KW, sh, sw, g.ow):
+        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, *out_pass,
+                      work=_work(y))
+    else:
+        _forward(y, _expand(x, M), _tiled(w, g.ow), sh, sw, g.pt, g.pl, *out_pass, work=_work(y))
+    return y
+
+
+def _pass_args(bias_name, bias, act_name, act, channels, dtype):
+    """Validated (bias, lo, hi) of an output or input pass: an empty bias when there is none (no act, no bias),
+    zeros for an activation alone."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{act_name} must be one of None, 'relu', 'relu6', got {act!r}")
+    if bias is not None:
+        check_float_array(bias_name, bias, 1, f"({channels},)")
+        check_shape(bias_name, bias, (channels,))
+        if bias.dtype != dtype:
+            raise TypeError(f"{bias_name} must have x's dtype {dtype}, got {bias.dtype}")
+    elif act is None:
+        return _NO_PASS[dtype.type]
+    else:
+        bias = np.zeros(channels, dtype)
+    lo, hi = (dtype.type(v) for v in ACTIVATIONS[act])
+    return np.ascontiguousarray(bias), lo, hi
+
+
+def input_pass_is_free(kernel_size, stride, padding, in_shape, depth_multiplier=1):
+    """Whether :func:`depthwise_forward` applies ``in_bias`` / ``in_act`` during its own copy of the input rows
+    (the stride-1 3x3 kernel on maps at least 4 columns wide, multiplier 1) rather than in a pass of its own.
+
+    Args:
+        kernel_size, stride, padding: the convolution's window, as for :func:`depthwise_forward`.
+        in_shape: the per-sample input shape (H, W, C).
+        depth_multiplier: M.
+    """
+    (KH, KW), (sh, sw), pad = normalize_window(kernel_size, stride, padding)
+    g = conv_geometry(in_shape[0], in_shape[1], (KH, KW), (sh, sw), pad)
+    return depth_multiplier == 1 and _use_3x3(KH, KW, sh, sw, g.ow)
+    if in_pass[0].size:  # no input copy to fold it into: a pass of its own
+        x = bias_act_forward(x, in_pass[0], lo=in_pass[1], hi=in_pass[2])
+    bias, lo, hi = out_pass
     if _use_3x3(KH, KW, sh, sw, g.ow):
-        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), bias, lo, hi, work=_work(y))
+        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), bias, lo, hi, *_NO_PASS[x.dtype.type],
+                    work=_work(y))
     elif _use_3x3_s2(KH, KW, sh, sw, g.ow):
         _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, bias, lo, hi,
                       work=_work(y))
@@ -601,7 +653,7 @@ def _input_gradient(dy, w, x_shape, g, sh, sw):
         # Stride 1: dx[ih, iw] = sum_{kh, kw} dy[ih + pt - kh, iw + pl - kw] w[kh, kw] is a forward depthwise conv
         # of dy with the kernel flipped in both axes and padding 2 - pt, 2 - pl (dy rows outside [0, OH) are 0).
         _forward3x3(dx, np.ascontiguousarray(dy), _flat(w[::-1, ::-1]), 2 - g.pt, 2 - g.pl, _blocks(dy),
-                    *_NO_OUTPUT_PASS[dy.dtype.type], work=_work(dy))
+                    *_NO_PASS[dy.dtype.type], *_NO_PASS[dy.dtype.type], work=_work(dy))
     else:
         _backward_input(dx, np.ascontiguousarray(dy), _tiled(w, g.ow), sh, sw, g.pt, g.pl, work=_work(dy))
     return dx if M == 1 else dx.reshape(N, H, W, C, M).sum(axis=4)  # (N, H, W, C)
@@ -640,7 +692,7 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype)
     dx = np.empty(x.shape, dy.dtype)
     _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]), g.pt, g.pl,
-                 per_column, 1)
+                 per_column, 1, *_NO_PASS[dy.dtype.type])
     return dx, _weight_sum(partial, w.shape, g.ow, per_column)
 
 

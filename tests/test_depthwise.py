@@ -151,7 +151,7 @@ def test_3x3_stride1_kernel_over_geometry(N, H, W, C, padding, blocks, seed):
     for nblk in (1, blocks):
         y = np.empty((N, g.oh, g.ow, C))
         depthwise._forward3x3.serial(y, x, depthwise._flat(w), g.pt, g.pl, nblk,
-                                     *depthwise._NO_OUTPUT_PASS[np.float64])
+                                     *depthwise._NO_PASS[np.float64], *depthwise._NO_PASS[np.float64])
         runs.append(y)
     assert_close(runs[0], want, rtol=1e-12, name="y")
     np.testing.assert_array_equal(runs[0], runs[1])
@@ -357,11 +357,37 @@ def test_output_pass_propagates_nan():
 
 @pytest.mark.parametrize("kw, err, match", [
     (dict(bias=np.zeros(3, np.float32)), ValueError, r"bias must have shape \(4,\)"),
-    (dict(bias=np.zeros(4)), TypeError, "share one dtype"),
+    (dict(bias=np.zeros(4)), TypeError, "bias must have x's dtype float32, got float64"),
     (dict(bias=np.zeros((4, 1), np.float32)), ValueError, "bias must be 1-D"),
     (dict(act="tanh"), ValueError, "act must be one of"),
+    (dict(in_bias=np.zeros(4, np.float32)), ValueError, r"in_bias must have shape \(2,\)"),
+    (dict(in_act="elu"), ValueError, "in_act must be one of"),
 ])
 def test_output_pass_rejects_bad_arguments(kw, err, match):
     x, w = np.ones((1, 5, 5, 2), np.float32), np.ones((3, 3, 2, 2), np.float32)
     with pytest.raises(err, match=match):
         depthwise_forward(x, w, padding="same", **kw)
+
+
+@given(case=oracle.window_cases(depthwise=True), act=st.sampled_from([None, "relu", "relu6"]),
+       in_act=st.sampled_from([None, "relu", "relu6"]), with_in_bias=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_input_pass_is_bitwise_bias_act_then_the_forward(case, act, in_act, with_in_bias, dtype):
+    """in_bias / in_act (the previous layer's output pass, deferred) give the bits of bias_act_forward on x and then
+    the forward, on every path: folded into the ring copy of the stride-1 3x3 kernel (the padding stays zero, it
+    is added after the activation), a pass of its own elsewhere."""
+    from kernels.batchnorm import bias_act_forward
+    from kernels.depthwise import input_pass_is_free
+    rng, x, w = _inputs(case)
+    x, w = (x * 3).astype(dtype), w.astype(dtype)
+    C, M = case["C"], case["M"]
+    in_bias = rng.standard_normal(C).astype(dtype) if with_in_bias else None
+    bias = rng.standard_normal(C * M).astype(dtype)
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    got = depthwise_forward(x, w, bias=bias, act=act, in_bias=in_bias, in_act=in_act, **kw)
+    xin = x if in_bias is None and in_act is None else \
+        bias_act_forward(x, np.zeros(C, dtype) if in_bias is None else in_bias, act=in_act)
+    np.testing.assert_array_equal(got, depthwise_forward(xin, w, bias=bias, act=act, **kw))
+    free = input_pass_is_free((case["KH"], case["KW"]), case["stride"], case["padding"], x.shape[1:], M)
+    assert free == ((case["KH"], case["KW"]) == (3, 3) and kw["stride"] in (1, (1, 1)) and M == 1
+                    and got.shape[2] >= 4)

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import models
 from gradcheck import assert_close
+from kernels.conv import conv2d_forward
 from tinyconv import (BatchNorm, BatchNormAct, Conv2D, DepthwiseConv2D, Dropout, GlobalAvgPool2D, Linear,
                       PointwiseConv2D, ReLU, ReLU6, Sequential)
 from tinyconv.fold import FoldedConv, fold_batchnorm
@@ -137,3 +138,30 @@ def test_bad_arguments():
     folded = fold_batchnorm(Sequential([Conv2D(3, 4, name="c"), BatchNormAct(4, name="bn")]))
     with pytest.raises(ValueError, match="layer 'c': input must have 3 channels"):
         folded.forward(np.zeros((1, 5, 5, 2), np.float32))
+
+
+def test_a_conv_before_a_stride1_3x3_depthwise_hands_it_its_output_pass():
+    """MobileNet at res 64: the input conv and the pointwise convs before stride-1 depthwise convs on maps >= 4
+    wide defer their bias and activation to the depthwise kernel's input copy; before stride-2 depthwise convs, the
+    2x2 maps and the classifier they do not. Deferring changes no logit bit; without an input shape nothing is
+    deferred."""
+    model = _randomize_batchnorms(models.mobilenet_v1(alpha=0.25, resolution=64, classes=4, seed=3)).eval()
+    folded = fold_batchnorm(model)
+    deferred = [a.name for a in folded.layers if isinstance(a, FoldedConv) and a.defer]
+    # res 64: dw 1 (32 wide), 3 (16), 5 (8), 7-11 (4) are stride 1 and >= 4 wide; dw 13 runs on 2x2
+    assert deferred == ["conv1", "conv_pw_2", "conv_pw_4", "conv_pw_6", "conv_pw_7", "conv_pw_8", "conv_pw_9",
+                        "conv_pw_10"]
+    for a, b in zip(folded.layers, folded.layers[1:]):
+        handed = isinstance(a, FoldedConv) and a.defer
+        assert (getattr(b, "in_bias", None) is not None) == handed
+        assert not handed or (b.in_bias is a.params["bias"] and b.in_act == a.act == "relu")
+    x = np.random.default_rng(4).standard_normal((3, 64, 64, 3)).astype(np.float32)
+    y = folded.forward(x)
+    assert_close(y, model.forward(x), rtol=2e-5, name="logits")
+    no_shape = Sequential([layer for layer in model.layers], name="m").eval()
+    undeferred = fold_batchnorm(no_shape)
+    assert not any(getattr(a, "defer", False) for a in undeferred.layers)
+    np.testing.assert_array_equal(undeferred.forward(x), y)
+    first = folded.layers[0]  # its output is the bare convolution's now
+    np.testing.assert_array_equal(first.forward(x), conv2d_forward(x, first.params["kernel"], stride=2,
+                                                                   padding="same"))

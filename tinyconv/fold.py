@@ -12,7 +12,10 @@ convolution with a bias, and the activation that follows runs in the same output
                      over memory at all;
     pointwise, conv  the GEMM, then one bias + activation pass over its output in place (``bias_act_forward``),
                      where the unfolded layers write the batch norm's output to a new array: one array less in
-                     flight per layer.
+                     flight per layer. When a stride-1 3x3 depthwise conv comes next, even that pass goes: the
+                     depthwise kernel copies each input row into its ring buffer anyway and applies the bias and
+                     activation there (``depthwise_forward(..., in_bias=, in_act=)``), so the folded layer hands
+                     its output pass on (``defer``) and returns the bare GEMM output.
 
 :func:`fold_batchnorm` returns a new model for inference: a snapshot of the weights when it is called (fold again
 after more training). The folded weights and bias are computed in float64 and rounded once, so the folded model
@@ -60,6 +63,8 @@ class FoldedConv(Layer):
         super().__init__(conv.name)
         self.kind = conv.kind
         self.act = act
+        self.defer = False  # True: the next layer applies this one's bias and activation to its input
+        self.in_bias, self.in_act = None, None  # the previous layer's deferred output pass (depthwise only)
         self._key = "depthwise_kernel" if isinstance(conv, DepthwiseConv2D) else "kernel"
         w = conv.params[self._key]
         dtype = w.dtype
@@ -88,11 +93,14 @@ class FoldedConv(Layer):
         self._check_input(x, 4, self.in_channels)
         c, w, b = self.conv, self.params[self._key], self.params["bias"]
         if self.kind == "depthwise":
-            return dw_k.depthwise_forward(x, w, stride=c.stride, padding=c.padding, bias=b, act=self.act)
+            return dw_k.depthwise_forward(x, w, stride=c.stride, padding=c.padding, bias=b, act=self.act,
+                                          in_bias=self.in_bias, in_act=self.in_act)
         if self.kind == "pointwise":
             y = pw_k.pointwise_forward(x, w)
         else:
             y = conv_k.conv2d_forward(x, w, stride=c.stride, padding=c.padding)
+        if self.defer:
+            return y
         return bn_k.bias_act_forward(y, b, act=self.act, out=y)  # in place: see bias_act_forward
 
     def backward(self, dy, need_dx=True):
@@ -115,7 +123,9 @@ def fold_batchnorm(model):
     Patterns folded: a Conv2D, DepthwiseConv2D or PointwiseConv2D followed by a BatchNormAct (batch norm and its
     activation), or by a BatchNorm and optionally a ReLU or ReLU6 layer. Every other layer is copied as it is. The
     copy does not share arrays with ``model``, runs in inference mode only (a training forward raises), and
-    returns the same logits up to float32 rounding.
+    returns the same logits up to float32 rounding. Where a folded conv feeds a folded depthwise conv that can
+    apply its input's bias and activation for free (``kernels.depthwise.input_pass_is_free``, which needs the
+    model's ``input_shape``), the first hands them to the second: its own output is then the pre-bias one.
 
     Args:
         model: a Sequential.
@@ -141,4 +151,12 @@ def fold_batchnorm(model):
             twin._cache = None
             out.append(twin)
             i += 1
-    return Sequential(out, input_shape=model.input_shape, name=f"{model.name}_folded").eval()
+    folded = Sequential(out, input_shape=model.input_shape, name=f"{model.name}_folded").eval()
+    if model.input_shape is not None:
+        shapes = folded.layer_shapes()
+        for (a, _, _), (b, b_in, _) in zip(shapes, shapes[1:]):
+            if isinstance(a, FoldedConv) and isinstance(b, FoldedConv) and b.kind == "depthwise" and \
+                    a.kind != "depthwise" and dw_k.input_pass_is_free(
+                        b.conv.kernel_size, b.conv.stride, b.conv.padding, b_in, b.conv.depth_multiplier):
+                a.defer, b.in_bias, b.in_act = True, a.params["bias"], a.act
+    return folded
