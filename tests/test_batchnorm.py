@@ -54,7 +54,13 @@ def test_train_float64_matches_oracle_and_finite_differences(case, flat, momentu
                                        momentum=momentum, eps=eps)[0]
 
     rng = np.random.default_rng(seed + 1)
-    check_directional(f, xv, dy, dx, rng, eps=1e-7, rtol=1e-5, name="dx")  # m = 2 is strongly curved
+    # With m = 2 values per channel batch norm saturates: a small gap between them makes the map strongly curved
+    # (a step of 1e-5 is too coarse), a large mean against that gap makes a step of 1e-7 drown in rounding (seen:
+    # 1.9402e-5 against 1.9389e-5 exact). One of the two steps resolves each case; a wrong dx fails both.
+    try:
+        check_directional(f, xv, dy, dx, np.random.default_rng(seed + 2), eps=1e-5, rtol=1e-5, name="dx")
+    except AssertionError:
+        check_directional(f, xv, dy, dx, np.random.default_rng(seed + 2), eps=1e-7, rtol=1e-5, name="dx")
     check_directional(f, gamma, dy, dgamma, rng, name="dgamma")
     check_directional(f, beta, dy, dbeta, rng, name="dbeta")
     if x.size <= 48 and layout == "contiguous":  # full central differences need a contiguous x
