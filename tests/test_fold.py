@@ -165,3 +165,26 @@ def test_a_conv_before_a_stride1_3x3_depthwise_hands_it_its_output_pass():
     first = folded.layers[0]  # its output is the bare convolution's now
     np.testing.assert_array_equal(first.forward(x), conv2d_forward(x, first.params["kernel"], stride=2,
                                                                    padding="same"))
+
+
+def test_a_folded_model_counts_summarizes_casts_and_saves_like_any_model(tmp_path, capsys):
+    """The folded layers keep the conv geometry the counters read (the separable-block table is the original's),
+    cast to float64 with their deferred passes (the depthwise layer reads the bias of the layer before at call
+    time), and save and load their state."""
+    from tinyconv.counting import count
+    model = _randomize_batchnorms(models.mobilenet_v1(alpha=0.25, resolution=64, classes=4, seed=5)).eval()
+    folded = fold_batchnorm(model)
+    want, got = count(model), count(folded)
+    assert got.macs == want.macs and [b.ratio for b in got.blocks] == [b.ratio for b in want.blocks]
+    folded.summary()
+    assert "(folded)" in capsys.readouterr().out
+    x = np.random.default_rng(6).standard_normal((2, 64, 64, 3))
+    y32 = folded.forward(x.astype(np.float32))
+    folded.astype(np.float64)  # its weights were rounded to float32 when folded: close, not 1e-12
+    assert_close(folded.forward(x), model.astype(np.float64).forward(x), rtol=2e-5, name="float64 logits")
+    assert_close(folded.forward(x), y32, rtol=2e-5, name="float32 against float64")
+    assert_close(fold_batchnorm(model).forward(x), model.forward(x), rtol=1e-12, name="folded in float64")
+    folded.save(tmp_path / "folded.npz")
+    again = fold_batchnorm(models.mobilenet_v1(alpha=0.25, resolution=64, classes=4, seed=9)).astype(np.float64)
+    again.load(tmp_path / "folded.npz")
+    np.testing.assert_array_equal(again.forward(x), folded.forward(x))

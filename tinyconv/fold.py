@@ -64,7 +64,7 @@ class FoldedConv(Layer):
         self.kind = conv.kind
         self.act = act
         self.defer = False  # True: the next layer applies this one's bias and activation to its input
-        self.in_bias, self.in_act = None, None  # the previous layer's deferred output pass (depthwise only)
+        self.deferred_from = None  # the FoldedConv before, whose output pass this one applies (depthwise only)
         self._key = "depthwise_kernel" if isinstance(conv, DepthwiseConv2D) else "kernel"
         w = conv.params[self._key]
         dtype = w.dtype
@@ -79,7 +79,19 @@ class FoldedConv(Layer):
         # The convolution's geometry for shapes and counts; it shares this layer's (folded) arrays.
         self.conv = copy.copy(conv)
         self.conv.params, self.conv.grads, self.conv.buffers, self.conv._cache = self.params, self.grads, {}, None
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "depth_multiplier"):
+            if hasattr(conv, attr):  # the geometry, for counting and summaries
+                setattr(self, attr, getattr(conv, attr))
+
+    @property
+    def in_bias(self):
+        """The bias applied to this layer's input (the previous layer's, deferred), or None."""
+        return None if self.deferred_from is None else self.deferred_from.params["bias"]
+
+    @property
+    def in_act(self):
+        """The activation applied to this layer's input after ``in_bias``, or None."""
+        return None if self.deferred_from is None else self.deferred_from.act
 
     @property
     def type_label(self):
@@ -158,5 +170,5 @@ def fold_batchnorm(model):
             if isinstance(a, FoldedConv) and isinstance(b, FoldedConv) and b.kind == "depthwise" and \
                     a.kind != "depthwise" and dw_k.input_pass_is_free(
                         b.conv.kernel_size, b.conv.stride, b.conv.padding, b_in, b.conv.depth_multiplier):
-                a.defer, b.in_bias, b.in_act = True, a.params["bias"], a.act
+                a.defer, b.deferred_from = True, a
     return folded
