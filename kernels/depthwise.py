@@ -439,10 +439,12 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one, no_bias, no_lo
 
 
 @fast_sized_kernel
-def _forward3x3s2(y, x, wf, zero, pt, pl, bias, act_lo, act_hi):
+def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, in_hi):
     """Stride-2 3x3 depthwise conv, two output columns per pass. y: (N, OH, OW, C) output, written entirely;
     x: (N, H, W, C); wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros; bias (C,), act_lo, act_hi:
-    the output pass of :func:`_bias_act_row`, none when bias is empty (0,).
+    the output pass of :func:`_bias_act_row`, none when bias is empty (0,); in_bias, in_lo, in_hi: the same on
+    the input rows, which are then read from a ring of three copies (:func:`_ring_rows`, no padding columns)
+    instead of in place. Output rows are split into ``blocks`` runs, each with its own ring.
 
     Output columns ow and ow + 1 read the five input columns from 2*ow - pl, the middle one shared. Two columns,
     not four as at stride 1: with four, the loop has 27 input offsets and LLVM gives up on the runtime overlap
@@ -459,35 +461,43 @@ def _forward3x3s2(y, x, wf, zero, pt, pl, bias, act_lo, act_hi):
     Cu = u(C)
     m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
     two = 2 * (OW // OW)  # the stride as a plain int, as in :func:`_row3x3`
-    for r in prange(N * OH):
-        n = r // OH
-        ih = (r - n * OH) * 2 - pt
-        a, b, d = _three_rows(xrows, n * H, H, ih, zero)
-        yrow = yrows[r]
-        for ow in range(lo):
-            _column3x3(yrow, a, b, d, wf, C, W, two, pl, ow)
-        ow = lo
-        while ow + 2 <= hi:
-            o0 = u(ow * C)
-            o1 = o0 + m1
-            k0 = u((ow * 2 - pl) * C)  # outputs t read columns 2t, 2t+1, 2t+2 of the 5 starting here
-            k1, k2, k3, k4 = k0 + m1, k0 + m2, k0 + m3, k0 + m4
-            for c in range(u(0), Cu):
-                v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
-                v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
-                v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
-                p0, p1, p2, p3, p4 = a[c + k0], a[c + k1], a[c + k2], a[c + k3], a[c + k4]
-                q0, q1, q2, q3, q4 = b[c + k0], b[c + k1], b[c + k2], b[c + k3], b[c + k4]
-                s0, s1, s2, s3, s4 = d[c + k0], d[c + k1], d[c + k2], d[c + k3], d[c + k4]
-                yrow[c + o0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
-                                + (s0 * v6 + s1 * v7 + s2 * v8))
-                yrow[c + o1] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
-                                + (s2 * v6 + s3 * v7 + s4 * v8))
-            ow += 2
-        for ow in range(ow, OW):
-            _column3x3(yrow, a, b, d, wf, C, W, two, pl, ow)
-        if bias.shape[0] > 0:
-            _bias_act_row(yrow, bias, act_lo, act_hi)
+    rows = N * OH
+    copies = in_bias.shape[0] > 0
+    for blk in prange(blocks):
+        ring = np.zeros((3, W * C if copies else 0), y.dtype)
+        held = np.full(3, -1, np.int64)
+        for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
+            n = r // OH
+            ih = (r - n * OH) * 2 - pt
+            if copies:
+                a, b, d = _ring_rows(ring, held, xrows, n * H, H, ih, 0, C, 0, W, in_bias, in_lo, in_hi)
+            else:
+                a, b, d = _three_rows(xrows, n * H, H, ih, zero)
+            yrow = yrows[r]
+            for ow in range(lo):
+                _column3x3(yrow, a, b, d, wf, C, W, two, pl, ow)
+            ow = lo
+            while ow + 2 <= hi:
+                o0 = u(ow * C)
+                o1 = o0 + m1
+                k0 = u((ow * 2 - pl) * C)  # outputs t read columns 2t, 2t+1, 2t+2 of the 5 starting here
+                k1, k2, k3, k4 = k0 + m1, k0 + m2, k0 + m3, k0 + m4
+                for c in range(u(0), Cu):
+                    v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
+                    v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
+                    v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
+                    p0, p1, p2, p3, p4 = a[c + k0], a[c + k1], a[c + k2], a[c + k3], a[c + k4]
+                    q0, q1, q2, q3, q4 = b[c + k0], b[c + k1], b[c + k2], b[c + k3], b[c + k4]
+                    s0, s1, s2, s3, s4 = d[c + k0], d[c + k1], d[c + k2], d[c + k3], d[c + k4]
+                    yrow[c + o0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
+                                    + (s0 * v6 + s1 * v7 + s2 * v8))
+                    yrow[c + o1] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
+                                    + (s2 * v6 + s3 * v7 + s4 * v8))
+                ow += 2
+            for ow in range(ow, OW):
+                _column3x3(yrow, a, b, d, wf, C, W, two, pl, ow)
+            if bias.shape[0] > 0:
+                _bias_act_row(yrow, bias, act_lo, act_hi)
 
 
 # Work passed to the serial/parallel rule: two units per output value, so the kernels run on both threads from 2^18
@@ -534,9 +544,10 @@ def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None, i
 
     y = act(depthwise(in_act(x + in_bias), w) + bias), the padding zeros added after in_act: bit for bit
     :func:`kernels.batchnorm.bias_act_forward` on x, the plain forward, then ``bias_act_forward`` on its output.
-    Each output row gets its bias and activation while it is still in cache. The input pass costs nothing extra
-    where the stride-1 3x3 kernel copies each input row into its ring anyway (maps at least 4 columns wide, see
-    :func:`input_pass_is_free`); elsewhere it is a pass of its own over x.
+    Each output row gets its bias and activation while it is still in cache. The 3x3 kernels apply the input pass
+    as they copy each input row into a ring of three rows (the stride-1 kernel copies them anyway; the stride-2
+    one then reads the copies instead of x): no pass over memory (see :func:`input_pass_is_free`). Elsewhere it
+    is a pass of its own over x.
 
     Args:
         x: (N, H, W, C) float32 or float64, any strides.
@@ -561,16 +572,16 @@ def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None, i
     in_pass = _pass_args("in_bias", in_bias, "in_act", in_act, C, x.dtype)
     g = conv_geometry(H, W, (KH, KW), stride, padding)
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
-    ring = _use_3x3(KH, KW, sh, sw, g.ow)
-    if in_pass[0].size and not (ring and M == 1):  # no input copy to fold the input pass into: a pass of its own
+    ring, s2 = _use_3x3(KH, KW, sh, sw, g.ow), _use_3x3_s2(KH, KW, sh, sw, g.ow)
+    if in_pass[0].size and not ((ring or s2) and M == 1):  # no input copy to fold the input pass into
         x = bias_act_forward(x, in_pass[0], act=in_act)
         in_pass = _NO_PASS[x.dtype.type]
     y = np.empty((N, g.oh, g.ow, C * M), x.dtype)
     if ring:
         _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), *out_pass, *in_pass, work=_work(y))
-    elif _use_3x3_s2(KH, KW, sh, sw, g.ow):
-        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, *out_pass,
-                      work=_work(y))
+    elif s2:
+        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, _blocks(y), *out_pass,
+                      *in_pass, work=_work(y))
     else:
         _forward(y, _expand(x, M), _tiled(w, g.ow), sh, sw, g.pt, g.pl, *out_pass, work=_work(y))
     return y
@@ -595,8 +606,8 @@ def _pass_args(bias_name, bias, act_name, act, channels, dtype):
 
 
 def input_pass_is_free(kernel_size, stride, padding, in_shape, depth_multiplier=1):
-    """Whether :func:`depthwise_forward` applies ``in_bias`` / ``in_act`` during its own copy of the input rows
-    (the stride-1 3x3 kernel on maps at least 4 columns wide, multiplier 1) rather than in a pass of its own.
+    """Whether :func:`depthwise_forward` applies ``in_bias`` / ``in_act`` as it copies the input rows (the 3x3
+    kernels, stride 1 or 2, on maps at least 4 columns wide, multiplier 1) rather than in a pass of its own.
 
     Args:
         kernel_size, stride, padding: the convolution's window, as for :func:`depthwise_forward`.
@@ -605,19 +616,7 @@ def input_pass_is_free(kernel_size, stride, padding, in_shape, depth_multiplier=
     """
     (KH, KW), (sh, sw), pad = normalize_window(kernel_size, stride, padding)
     g = conv_geometry(in_shape[0], in_shape[1], (KH, KW), (sh, sw), pad)
-    return depth_multiplier == 1 and _use_3x3(KH, KW, sh, sw, g.ow)
-    if in_pass[0].size:  # no input copy to fold it into: a pass of its own
-        x = bias_act_forward(x, in_pass[0], lo=in_pass[1], hi=in_pass[2])
-    bias, lo, hi = out_pass
-    if _use_3x3(KH, KW, sh, sw, g.ow):
-        _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), bias, lo, hi, *_NO_PASS[x.dtype.type],
-                    work=_work(y))
-    elif _use_3x3_s2(KH, KW, sh, sw, g.ow):
-        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, bias, lo, hi,
-                      work=_work(y))
-    else:
-        _forward(y, _expand(x, M), _tiled(w, g.ow), sh, sw, g.pt, g.pl, bias, lo, hi, work=_work(y))
-    return y
+    return depth_multiplier == 1 and (_use_3x3(KH, KW, sh, sw, g.ow) or _use_3x3_s2(KH, KW, sh, sw, g.ow))
 
 
 def depthwise_backward_input(dy, w, x_shape, *, stride=1, padding="valid"):

@@ -140,17 +140,15 @@ def test_bad_arguments():
         folded.forward(np.zeros((1, 5, 5, 2), np.float32))
 
 
-def test_a_conv_before_a_stride1_3x3_depthwise_hands_it_its_output_pass():
-    """MobileNet at res 64: the input conv and the pointwise convs before stride-1 depthwise convs on maps >= 4
-    wide defer their bias and activation to the depthwise kernel's input copy; before stride-2 depthwise convs, the
-    2x2 maps and the classifier they do not. Deferring changes no logit bit; without an input shape nothing is
-    deferred."""
+def test_a_conv_before_a_3x3_depthwise_hands_it_its_output_pass():
+    """MobileNet at res 64: the input conv and the pointwise convs before 3x3 depthwise convs whose output is >= 4
+    wide defer their bias and activation to the depthwise kernel's input copy; before the 2-wide outputs they do
+    not. Deferring changes no logit bit; without an input shape nothing is deferred."""
     model = _randomize_batchnorms(models.mobilenet_v1(alpha=0.25, resolution=64, classes=4, seed=3)).eval()
     folded = fold_batchnorm(model)
     deferred = [a.name for a in folded.layers if isinstance(a, FoldedConv) and a.defer]
-    # res 64: dw 1 (32 wide), 3 (16), 5 (8), 7-11 (4) are stride 1 and >= 4 wide; dw 13 runs on 2x2
-    assert deferred == ["conv1", "conv_pw_2", "conv_pw_4", "conv_pw_6", "conv_pw_7", "conv_pw_8", "conv_pw_9",
-                        "conv_pw_10"]
+    # res 64: the outputs of dw 1-11 are 32, 16, 16, 8, 8, 4 x 6 wide; dw 12 (stride 2) and 13 are 2 wide
+    assert deferred == ["conv1"] + [f"conv_pw_{i}" for i in range(1, 11)]
     for a, b in zip(folded.layers, folded.layers[1:]):
         handed = isinstance(a, FoldedConv) and a.defer
         assert (getattr(b, "in_bias", None) is not None) == handed

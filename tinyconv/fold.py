@@ -12,8 +12,8 @@ convolution with a bias, and the activation that follows runs in the same output
                      over memory at all;
     pointwise, conv  the GEMM, then one bias + activation pass over its output in place (``bias_act_forward``),
                      where the unfolded layers write the batch norm's output to a new array: one array less in
-                     flight per layer. When a stride-1 3x3 depthwise conv comes next, even that pass goes: the
-                     depthwise kernel copies each input row into its ring buffer anyway and applies the bias and
+                     flight per layer. When a 3x3 depthwise conv comes next, even that pass goes: the
+                     depthwise kernel copies each input row into a ring of three rows and applies the bias and
                      activation there (``depthwise_forward(..., in_bias=, in_act=)``), so the folded layer hands
                      its output pass on (``defer``) and returns the bare GEMM output.
 
