@@ -34,6 +34,9 @@ from bench import _harness as h
 MODULE = "bench.kernels"
 DEFAULT_OUT = "bench/results/kernels.md"
 DEFAULT_REPEATS = 5
+# The network's first layer (models.mobilenet_v1 names it so): a training step never computes the gradient of the
+# network's input, so the per-step totals leave that layer's input-gradient row out (the row itself is timed).
+INPUT_LAYER = "conv1"
 
 
 class Workload(NamedTuple):
@@ -500,6 +503,7 @@ def build_ops(torch, wl, *, seed=0):
                                 in_channels=wl.in_channels, dropout=wl.dropout)
     rng = np.random.default_rng(seed)
     groups = {}  # (kind, geometry key) -> (layer, input shape, [layer names]) in first-seen order
+    assert model.layers[0].name == INPUT_LAYER, model.layers[0].name
     for layer, shape_in, shape_out in model.layer_shapes():
         if layer.kind in ("conv", "depthwise", "pointwise"):
             key = (layer.kind, shape_in, shape_out, getattr(layer, "stride", None))
@@ -675,6 +679,21 @@ RESULT_HEADERS = ["kernel", "op", "shape (NHWC)", "layers", "rel. err", "torch e
                   "torch ms", "torch layout", "torch rate", "torch/ours", "fastest torch/ours", "GEMM ms", "GEMM/ours"]
 
 
+def step_totals(results):
+    """{(workload, family): (ours s, torch s)}: each row's time times the layers that run it in a training step."""
+    totals = {}
+    for r in results:
+        key = (r.op.workload, r.op.family)
+        o, t = totals.get(key, (0.0, 0.0))
+        count = len(r.op.layers)
+        if r.op.family.startswith("batchnorm") and r.op.op == "forward eval":
+            continue  # a training step runs the training forward only
+        if r.op.op == "backward input":  # nor does it compute the gradient of the network's input
+            count = sum(name != INPUT_LAYER for name in r.op.layers)
+        totals[key] = (o + count * r.ours, t + count * r.torch_best[0])
+    return totals
+
+
 def summaries(results):
     """Markdown sections: the depthwise and pointwise targets per shape, and per-family totals of one step."""
     out = []
@@ -704,14 +723,7 @@ def summaries(results):
                    + h.markdown_table(["workload", "shape (NHWC->K)", "layers", "ours ms", "GEMM ms", "GEMM/ours",
                                        "torch ms", "torch/ours", "target"], pw_rows))
     fam_rows = []
-    totals = {}
-    for r in results:
-        key = (r.op.workload, r.op.family)
-        o, t = totals.get(key, (0.0, 0.0))
-        count = len(r.op.layers)
-        if r.op.family.startswith("batchnorm") and r.op.op == "forward eval":
-            continue  # a training step runs the training forward only
-        totals[key] = (o + count * r.ours, t + count * r.torch_best[0])
+    totals = step_totals(results)
     for wl in dict.fromkeys(k[0] for k in totals):
         all_o = sum(v[0] for k, v in totals.items() if k[0] == wl)
         all_t = sum(v[1] for k, v in totals.items() if k[0] == wl)
@@ -723,7 +735,8 @@ def summaries(results):
                          "100%", h.fmt_ratio(all_t / all_o)])
     if fam_rows:
         out.append("## Kernel time of one training step by family (each shape's time x the layers with it; "
-                   "BN's eval forward left out)\n\n"
+                   "BN's eval forward and the input layer's input gradient, which no training step computes, "
+                   "left out)\n\n"
                    "Isolated kernels on warm inputs: the sum is not the step time (no Python between layers, "
                    "caches warm), but the split shows which family dominates and where PyTorch is ahead.\n\n"
                    + h.markdown_table(["workload", "family", "ours ms", "share", "torch ms", "share",

@@ -131,6 +131,11 @@ def test_kernel_rows_validate_on_a_tiny_workload_in_the_workers(workers):
     assert not tc.call(h.imported, "torch")
     assert not tw.call("bench._harness:_numba_ran")  # the torch worker never launched a parallel kernel
     assert bk.summaries(results)
+    # the input layer's input gradient is timed but left out of the per-step totals: no step computes it
+    conv = [r for r in results if r.op.family == "conv"]
+    assert any(r.op.op == "backward input" and r.op.layers == (bk.INPUT_LAYER,) for r in conv)
+    want = sum(r.ours * len(r.op.layers) for r in conv if r.op.op != "backward input")
+    assert bk.step_totals(results)[(conv[0].op.workload, "conv")][0] == pytest.approx(want)
 
 
 def test_model_validation_profile_and_blocks_on_a_tiny_case(workers):
