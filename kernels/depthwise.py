@@ -395,7 +395,8 @@ def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, 
 def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one, no_bias, no_lo, no_hi):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
     partial: (B, KH, KW, L) output as in :func:`_backward_weight`; dy: (N, OH, OW, C); x: (N, H, W, C);
-    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; one: the int 1,
+    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; no_bias, no_lo, no_hi: an empty
+    input pass for :func:`_ring_rows` (``_NO_PASS``, typed by the caller); one: the int 1,
     the stride, passed in because a literal 1 in the call made Numba compile :func:`_weight_row` for a literal
     type, and that version ran 4x slower.
 
@@ -510,8 +511,8 @@ def _work(y):
 
 
 def _blocks(y):
-    """Runs of output rows for :func:`_forward3x3` producing ``y``: one per thread when it runs parallel, else one
-    (each run copies its first input rows afresh, so fewer runs copy less)."""
+    """Runs of output rows for :func:`_forward3x3` and :func:`_forward3x3s2` producing ``y``: one per thread when
+    they run parallel, else one (each run fills its ring afresh, so fewer runs copy less)."""
     return numba.get_num_threads() if _jit.use_parallel(_work(y)) else 1
 
 
