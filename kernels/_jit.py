@@ -27,6 +27,7 @@ import types
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402  (after the environment default above)
+from numba.core.compiler import Compiler  # noqa: E402
 
 FASTMATH = os.environ.get("TINYCONV_FASTMATH", "0") == "1"
 
@@ -42,24 +43,57 @@ FAST_OPTIONS = dict(JIT_OPTIONS, fastmath=True if FASTMATH else {"contract"})
 PARALLEL_MIN_WORK = int(os.environ.get("TINYCONV_PARALLEL_MIN", 1 << 19))
 
 
-def kernel(fn):
-    """Compile ``fn`` as a serial Numba kernel with the project's options."""
-    return numba.njit(**JIT_OPTIONS)(fn)
+class _NoAliasCompiler(Compiler):
+    """Numba's compiler with its ``noalias`` flag set (the one parfors sets on a loop body it has proved free of
+    aliases): every pointer argument, so every array's data, is marked LLVM ``noalias``.
+
+    Without it LLVM must assume that an output row may overlap the rows it reads, and it vectorizes a loop only
+    behind runtime overlap checks, one per pair of (written, read) arrays and offsets, run each time the loop
+    starts. In the depthwise 3x3 loops (2 outputs, 15 input and 9 weight offsets: ~50 checks) those cost more
+    than a 16- or 32-channel loop itself: the stride-2 column pairs ran 1.7x faster at 16 channels and 1.3x at 32
+    once the checks were gone, unchanged from 64 on.
+    """
+
+    def __init__(self, typingctx, targetctx, library, args, return_type, flags, locals):
+        flags.noalias = True  # a fresh Flags object per compilation
+        super().__init__(typingctx, targetctx, library, args, return_type, flags, locals)
 
 
-def parallel_kernel(fn):
+def _options(base, noalias):
+    """``base`` jit options, plus the no-alias compiler when asked.
+
+    noalias=True is a promise about every call: no array the kernel writes overlaps another array argument
+    (reading one array through two arguments is fine). Breaking it is undefined behaviour, silently wrong
+    results, so only kernels whose outputs the wrapper allocates (or that are called with fresh buffers) use it.
+    """
+    return dict(base, pipeline_class=_NoAliasCompiler) if noalias else base
+
+
+def _decorator(base, fn, noalias, **extra):
+    if fn is None:  # used as @decorator(noalias=...)
+        return lambda f: numba.njit(**extra, **_options(base, noalias))(f)
+    return numba.njit(**extra, **_options(base, noalias))(fn)
+
+
+def kernel(fn=None, *, noalias=False):
+    """Compile ``fn`` as a serial Numba kernel with the project's options (``@kernel`` or
+    ``@kernel(noalias=True)``, see :func:`_options`)."""
+    return _decorator(JIT_OPTIONS, fn, noalias)
+
+
+def parallel_kernel(fn=None, *, noalias=False):
     """Compile ``fn`` as a parallel Numba kernel; its ``prange`` loops must write disjoint outputs."""
-    return numba.njit(parallel=True, **JIT_OPTIONS)(fn)
+    return _decorator(JIT_OPTIONS, fn, noalias, parallel=True)
 
 
-def fast_kernel(fn):
+def fast_kernel(fn=None, *, noalias=False):
     """Compile ``fn`` as a serial Numba kernel that may contract a*b + c into FMAs."""
-    return numba.njit(**FAST_OPTIONS)(fn)
+    return _decorator(FAST_OPTIONS, fn, noalias)
 
 
-def fast_parallel_kernel(fn):
+def fast_parallel_kernel(fn=None, *, noalias=False):
     """:func:`parallel_kernel` that may contract a*b + c into FMAs."""
-    return numba.njit(parallel=True, **FAST_OPTIONS)(fn)
+    return _decorator(FAST_OPTIONS, fn, noalias, parallel=True)
 
 
 def use_parallel(work):
@@ -89,12 +123,16 @@ def _renamed(fn, suffix):
     return clone
 
 
-def sized_kernel(fn):
+def sized_kernel(fn=None, *, noalias=False):
     """Compile ``fn`` serial and parallel, dispatched by work size (see :class:`SizedKernel`)."""
-    return SizedKernel(fn, JIT_OPTIONS)
+    if fn is None:
+        return lambda f: SizedKernel(f, _options(JIT_OPTIONS, noalias))
+    return SizedKernel(fn, _options(JIT_OPTIONS, noalias))
 
 
-def fast_sized_kernel(fn):
+def fast_sized_kernel(fn=None, *, noalias=False):
     """:func:`sized_kernel` that may contract a*b + c into FMAs."""
-    return SizedKernel(fn, FAST_OPTIONS)
+    if fn is None:
+        return lambda f: SizedKernel(f, _options(FAST_OPTIONS, noalias))
+    return SizedKernel(fn, _options(FAST_OPTIONS, noalias))
 

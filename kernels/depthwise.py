@@ -75,7 +75,7 @@ def _runs(lo, hi, sw, C):
     return hi - lo, C
 
 
-@sized_kernel
+@sized_kernel(noalias=True)
 def _forward(y, x, wt, sh, sw, pt, pl, bias, act_lo, act_hi):
     """y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C); wt: (KH, KW, OW*C), w tiled OW times;
     bias (C,), act_lo, act_hi: the output pass of :func:`_bias_act_row`, none when bias is empty (0,)."""
@@ -108,7 +108,7 @@ def _forward(y, x, wt, sh, sw, pt, pl, bias, act_lo, act_hi):
             _bias_act_row(yrow, bias, act_lo, act_hi)
 
 
-@sized_kernel
+@sized_kernel(noalias=True)
 def _backward_input(dx, dy, wt, sh, sw, pt, pl):
     """dx: (N, H, W, C) output, written entirely; dy: (N, OH, OW, C); wt: (KH, KW, OW*C), w tiled OW times.
 
@@ -141,7 +141,7 @@ def _backward_input(dx, dy, wt, sh, sw, pt, pl):
                         dxrow[xo + j] += dyrow[yo + j] * wv[yo + j]
 
 
-@kernel
+@kernel(noalias=True)
 def _weight_row(acc, dyrow, xrows, n, H, oh, sh, sw, pt, pl, W, OW, C):
     """Add output row (n, oh)'s weight-gradient terms to acc (KH, KW, OW*C), tiled along the row (entry ow*C + c
     belongs to channel c); dyrow (OW*C,) is dy[n, oh], xrows (N*H, W*C) the input rows.
@@ -166,7 +166,7 @@ def _weight_row(acc, dyrow, xrows, n, H, oh, sh, sw, pt, pl, W, OW, C):
                     dst[yo + j] += xrow[xo + j] * dyrow[yo + j]
 
 
-@kernel
+@kernel(noalias=True)
 def _weight_row_cols(acc, dyrow, xrows, n, H, oh, sh, sw, pt, pl, W, OW, C):
     """:func:`_weight_row` into a per-channel accumulator acc (KH, KW, C): one run of C values per column."""
     KH, KW = acc.shape[0], acc.shape[1]
@@ -187,7 +187,7 @@ def _weight_row_cols(acc, dyrow, xrows, n, H, oh, sh, sw, pt, pl, W, OW, C):
                     dst[c] += xrow[xo + c] * dyrow[yo + c]
 
 
-@sized_kernel
+@sized_kernel(noalias=True)
 def _backward_weight(partial, dy, x, sh, sw, pt, pl, per_column):
     """partial: (B, KH, KW, L) output, block b's sum over its share of output rows; dy: (N, OH, OW, C);
     x: (N, H, W, C).
@@ -270,7 +270,7 @@ def _channel_offsets(C):
     return u(C), u(2 * C), u(3 * C), u(4 * C), u(5 * C), u(6 * C), u(7 * C), u(8 * C)
 
 
-@fast_kernel
+@fast_kernel(noalias=True)
 def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
     """yrow[ow*C:(ow+1)*C] = the 3x3 sum at output column ow (column stride sw), skipping taps outside [0, W).
 
@@ -292,7 +292,7 @@ def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
                 yrow[o + c] += a[k + c] * wf[ka + c] + b[k + c] * wf[kb + c] + d[k + c] * wf[kd + c]
 
 
-@fast_kernel
+@fast_kernel(noalias=True)
 def _row3x3(yrow, a, b, d, wf, C):
     """One output row of the stride-1 3x3 conv: yrow (OW*C,) from the three padded input rows a, b, d
     ((OW + 2)*C,: output column ow reads their columns ow, ow + 1, ow + 2). Four columns per pass, then one."""
@@ -329,7 +329,7 @@ def _row3x3(yrow, a, b, d, wf, C):
                             + (d[c + o0] * wf[c + m6] + d[c + o1] * wf[c + m7] + d[c + o2] * wf[c + m8]))
 
 
-@kernel
+@kernel(noalias=True)
 def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last, in_bias, in_lo, in_hi):
     """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows).
 
@@ -366,7 +366,7 @@ def _span3x3(W, OW, pl):
     return max(0, -pl), min(W, OW + 2 - pl)
 
 
-@fast_sized_kernel
+@fast_sized_kernel(noalias=True)
 def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, in_hi):
     """Stride-1 3x3 depthwise conv. y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C);
     wf: (9*C,) weights, entry (kh*3 + kw)*C + c; pt and pl may be any ints; bias (C,), act_lo, act_hi: the
@@ -391,7 +391,7 @@ def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, 
                 _bias_act_row(yrows[r], bias, act_lo, act_hi)
 
 
-@parallel_kernel
+@parallel_kernel(noalias=True)
 def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one, no_bias, no_lo, no_hi):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
     partial: (B, KH, KW, L) output as in :func:`_backward_weight`; dy: (N, OH, OW, C); x: (N, H, W, C);
@@ -439,7 +439,7 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one, no_bias, no_lo
                 _row3x3(dxrows[i], a, b, d, wf, C)
 
 
-@fast_sized_kernel
+@fast_sized_kernel(noalias=True)
 def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, in_hi):
     """Stride-2 3x3 depthwise conv, two output columns per pass. y: (N, OH, OW, C) output, written entirely;
     x: (N, H, W, C); wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros; bias (C,), act_lo, act_hi:
