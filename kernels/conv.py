@@ -25,7 +25,7 @@ from .geometry import conv_geometry, normalize_window
 from .pointwise import pointwise_backward_bias
 
 
-@sized_kernel
+@sized_kernel(noalias=True)
 def _im2col(cols, x, sh, sw, pt, pl):
     """cols[n, oh, ow, kh, kw, :] = x[n, oh*sh - pt + kh, ow*sw - pl + kw, :], or 0 in the padding.
 
@@ -73,7 +73,7 @@ def _im2col(cols, x, sh, sw, pt, pl):
                             dst[ok + c] = 0.0
 
 
-@parallel_kernel
+@parallel_kernel(noalias=True)
 def _col2im(dx, dcols, sh, sw, pt, pl):
     """dx[n, ih, iw, :] = sum of dcols[n, oh, ow, kh, kw, :] over all (oh, ow, kh, kw) that read x[n, ih, iw].
 
