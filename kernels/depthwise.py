@@ -44,6 +44,16 @@ _WEIGHT_BLOCKS = 16  # partial sums in the weight gradient: enough blocks to bal
 # 0.39 ms, 32x4x4x1024 0.22 vs 0.32 ms), mixed at 128 (0.92-1.07x), 0.42-0.8x at 16-64 channels.
 _MIN_CHANNELS_WEIGHT_COLS = 256
 
+# How the weight gradient accumulates (the ``mode`` of :func:`_backward3x3`): tiled along the row
+# (:func:`_weight_row`), per channel one column at a time (:func:`_weight_row_cols`), or per channel four columns
+# at a time from padded rows (:func:`_weight_row3x3`, stride-1 3x3 only).
+_TILED, _PER_COLUMN, _BLOCKED_3X3 = 0, 1, 2
+
+# The blocked stride-1 3x3 weight gradient from this output width on. Against the other two, 2 threads, in-process
+# A/B: 32x64x64x32 1.43x, 32x32x32x128 1.97x, 32x16x16x256 1.24x, 128x8x8x64 1.11x, 32x8x8x512 1.06x,
+# 128x16x16x16 level; 0.73-0.85x on 4x4 maps (one pass of four columns does not pay for the copies into the ring).
+_MIN_WIDTH_WEIGHT_3X3 = 8
+
 _W_LEGEND = "(KH, KW, C, M)"
 
 # (bias, lo, hi) of an output or input pass that does not happen: an empty bias skips it.
@@ -329,6 +339,52 @@ def _row3x3(yrow, a, b, d, wf, C):
                             + (d[c + o0] * wf[c + m6] + d[c + o1] * wf[c + m7] + d[c + o2] * wf[c + m8]))
 
 
+@fast_kernel(noalias=True)
+def _weight_row3x3(acc, dyrow, a, b, d, C):
+    """acc (9*C,) += the stride-1 3x3 weight-gradient terms of one output row, entry (kh*3 + kw)*C + c: dyrow
+    (OW*C,) is dy[n, oh]; a, b, d the padded input rows under it ((OW + 2)*C,, as :func:`_row3x3` reads them).
+
+    Four columns per pass: each channel's nine sums of four products stay in registers and go into acc once, so
+    per product there is about one load instead of the three loads and a store of :func:`_weight_row`."""
+    OW = dyrow.shape[0] // C
+    u = np.uint64
+    Cu = u(C)
+    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
+    ow = 0
+    while ow + 4 <= OW:
+        o0 = u(ow * C)  # dy columns ow..ow+3 pair with padded columns ow+j+kw
+        o1, o2, o3, o4, o5 = o0 + m1, o0 + m2, o0 + m3, o0 + m4, o0 + m5
+        for c in range(u(0), Cu):
+            g0, g1, g2, g3 = dyrow[c + o0], dyrow[c + o1], dyrow[c + o2], dyrow[c + o3]
+            p0, p1, p2, p3, p4, p5 = a[c + o0], a[c + o1], a[c + o2], a[c + o3], a[c + o4], a[c + o5]
+            q0, q1, q2, q3, q4, q5 = b[c + o0], b[c + o1], b[c + o2], b[c + o3], b[c + o4], b[c + o5]
+            s0, s1, s2, s3, s4, s5 = d[c + o0], d[c + o1], d[c + o2], d[c + o3], d[c + o4], d[c + o5]
+            acc[c] += (p0 * g0 + p1 * g1) + (p2 * g2 + p3 * g3)
+            acc[c + m1] += (p1 * g0 + p2 * g1) + (p3 * g2 + p4 * g3)
+            acc[c + m2] += (p2 * g0 + p3 * g1) + (p4 * g2 + p5 * g3)
+            acc[c + m3] += (q0 * g0 + q1 * g1) + (q2 * g2 + q3 * g3)
+            acc[c + m4] += (q1 * g0 + q2 * g1) + (q3 * g2 + q4 * g3)
+            acc[c + m5] += (q2 * g0 + q3 * g1) + (q4 * g2 + q5 * g3)
+            acc[c + m6] += (s0 * g0 + s1 * g1) + (s2 * g2 + s3 * g3)
+            acc[c + m7] += (s1 * g0 + s2 * g1) + (s3 * g2 + s4 * g3)
+            acc[c + m8] += (s2 * g0 + s3 * g1) + (s4 * g2 + s5 * g3)
+        ow += 4
+    for ow in range(ow, OW):
+        o0 = u(ow * C)
+        o1, o2 = o0 + m1, o0 + m2
+        for c in range(u(0), Cu):
+            g = dyrow[c + o0]
+            acc[c] += a[c + o0] * g
+            acc[c + m1] += a[c + o1] * g
+            acc[c + m2] += a[c + o2] * g
+            acc[c + m3] += b[c + o0] * g
+            acc[c + m4] += b[c + o1] * g
+            acc[c + m5] += b[c + o2] * g
+            acc[c + m6] += d[c + o0] * g
+            acc[c + m7] += d[c + o1] * g
+            acc[c + m8] += d[c + o2] * g
+
+
 @kernel(noalias=True)
 def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last, in_bias, in_lo, in_hi):
     """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows).
@@ -391,11 +447,38 @@ def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, 
                 _bias_act_row(yrows[r], bias, act_lo, act_hi)
 
 
+@fast_sized_kernel(noalias=True)
+def _weight3x3(partial, dy, x, pt, pl, no_bias, no_lo, no_hi):
+    """Weight gradient of the stride-1 3x3 conv. partial: (B, 3, 3, C) output, block b's sum over its share of the
+    output rows (as in :func:`_backward_weight`); dy: (N, OH, OW, C); x: (N, H, W, C); no_bias, no_lo, no_hi: an
+    empty input pass for :func:`_ring_rows`. Each block reads the input rows through its own ring of padded rows
+    and accumulates with :func:`_weight_row3x3`, exactly as :func:`_backward3x3` does."""
+    B = partial.shape[0]
+    N, OH, OW, C = dy.shape
+    H, W = x.shape[1], x.shape[2]
+    dyrows = dy.reshape(N * OH, OW * C)
+    xrows = x.reshape(N * H, W * C)
+    first, last = _span3x3(W, OW, pl)
+    rows = N * OH
+    for blk in prange(B):
+        acc = partial[blk].reshape(9 * C)
+        acc[:] = 0.0
+        ring = np.zeros((3, (OW + 2) * C), dy.dtype)
+        held = np.full(3, -1, np.int64)
+        for r in range(blk * rows // B, (blk + 1) * rows // B):
+            n = r // OH
+            a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last, no_bias, no_lo,
+                                 no_hi)
+            _weight_row3x3(acc, dyrows[r], a, b, d, C)
+
+
 @parallel_kernel(noalias=True)
-def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one, no_bias, no_lo, no_hi):
+def _backward3x3(dx, partial, dy, x, wf, pt, pl, mode, one, no_bias, no_lo, no_hi):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
-    partial: (B, KH, KW, L) output as in :func:`_backward_weight`; dy: (N, OH, OW, C); x: (N, H, W, C);
-    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; no_bias, no_lo, no_hi: an empty
+    partial: (B, KH, KW, L) output as in :func:`_backward_weight` (L = C in modes ``_PER_COLUMN`` and
+    ``_BLOCKED_3X3``, as in :func:`_weight3x3`); dy: (N, OH, OW, C); x: (N, H, W, C);
+    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; mode: how the weight gradient
+    accumulates (``_TILED``, ``_PER_COLUMN``, ``_BLOCKED_3X3``); no_bias, no_lo, no_hi: an empty
     input pass for :func:`_ring_rows` (``_NO_PASS``, typed by the caller); one: the int 1,
     the stride, passed in because a literal 1 in the call made Numba compile :func:`_weight_row` for a literal
     type, and that version ran 4x slower.
@@ -415,19 +498,27 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, per_column, one, no_bias, no_lo
     dxrows = dx.reshape(N * H, W * C)
     qt, ql = 2 - pt, 2 - pl  # dx is the 3x3 conv of dy with the flipped kernel and this padding
     first, last = _span3x3(OW, W, ql)
+    x_first, x_last = _span3x3(W, OW, pl)
     rows, in_rows = N * OH, N * H
     for blk in prange(B):
         acc = partial[blk]  # (KH, KW, L)
         acc[:] = 0.0
+        acc_flat = acc.reshape(acc.size)
         ring = np.zeros((3, (W + 2) * C), dy.dtype)  # padded dy rows under the input-gradient taps
         held = np.full(3, -1, np.int64)
+        x_ring = np.zeros((3, (OW + 2) * C if mode == _BLOCKED_3X3 else 0), dy.dtype)  # padded x rows
+        x_held = np.full(3, -1, np.int64)
         r0, r1 = blk * rows // B, (blk + 1) * rows // B
         i0, i1 = blk * in_rows // B, (blk + 1) * in_rows // B
         for j in range(max(r1 - r0, i1 - i0)):
             r = r0 + j
             if r < r1:
                 n = r // OH
-                if per_column:
+                if mode == _BLOCKED_3X3:
+                    xa, xb, xd = _ring_rows(x_ring, x_held, xrows, n * H, H, r - n * OH - pt, pl, C, x_first, x_last,
+                                            no_bias, no_lo, no_hi)
+                    _weight_row3x3(acc_flat, dyrows[r], xa, xb, xd, C)
+                elif mode == _PER_COLUMN:
                     _weight_row_cols(acc, dyrows[r], xrows, n, H, r - n * OH, one, one, pt, pl, W, OW, C)
                 else:
                     _weight_row(acc, dyrows[r], xrows, n, H, r - n * OH, one, one, pt, pl, W, OW, C)
@@ -689,10 +780,13 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
         dw = _weight_gradient(dy, x, w.shape, g, sh, sw)  # arguments validated once, above
         return (_input_gradient(dy, w, x.shape, g, sh, sw) if need_dx else None), dw
-    partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype)
+    mode = _BLOCKED_3X3 if g.ow >= _MIN_WIDTH_WEIGHT_3X3 else None
+    partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype, blocked=mode is not None)
+    if mode is None:
+        mode = _PER_COLUMN if per_column else _TILED
     dx = np.empty(x.shape, dy.dtype)
     _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]), g.pt, g.pl,
-                 per_column, 1, *_NO_PASS[dy.dtype.type])
+                 mode, 1, *_NO_PASS[dy.dtype.type])
     return dx, _weight_sum(partial, w.shape, g.ow, per_column)
 
 
@@ -724,17 +818,22 @@ def _weight_gradient(dy, x, w_shape, g, sh, sw):
     """:func:`depthwise_backward_weight` on validated arguments; g, sh, sw the geometry and strides."""
     N = x.shape[0]
     KH, KW, C, M = w_shape
-    partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C * M, dy.dtype)
-    _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, per_column,
-                     work=_work(dy))
+    blocked = _use_3x3(KH, KW, sh, sw, g.ow) and g.ow >= _MIN_WIDTH_WEIGHT_3X3
+    partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C * M, dy.dtype, blocked=blocked)
+    if blocked:
+        _weight3x3(partial, np.ascontiguousarray(dy), _expand(x, M), g.pt, g.pl, *_NO_PASS[dy.dtype.type],
+                   work=_work(dy))
+    else:
+        _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, per_column,
+                         work=_work(dy))
     return _weight_sum(partial, (KH, KW, C, M), g.ow, per_column)
 
 
-def _weight_partials(rows, KH, KW, OW, channels, dtype):
+def _weight_partials(rows, KH, KW, OW, channels, dtype, blocked=False):
     """The blocks' accumulators for :func:`_backward_weight` over ``rows`` output rows, (B, KH, KW, L), and whether
-    they are per channel (L = channels, from :data:`_MIN_CHANNELS_WEIGHT_COLS` on) or tiled along the row
-    (L = OW*channels)."""
-    per_column = channels >= _MIN_CHANNELS_WEIGHT_COLS
+    they are per channel (L = channels: the blocked 3x3 kernel, or from :data:`_MIN_CHANNELS_WEIGHT_COLS` on) or
+    tiled along the row (L = OW*channels)."""
+    per_column = blocked or channels >= _MIN_CHANNELS_WEIGHT_COLS
     return np.empty((min(_WEIGHT_BLOCKS, rows), KH, KW, (1 if per_column else OW) * channels), dtype), per_column
 
 
