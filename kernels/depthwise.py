@@ -49,9 +49,11 @@ _MIN_CHANNELS_WEIGHT_COLS = 256
 # at a time from padded rows (:func:`_weight_row3x3`, stride-1 3x3 only).
 _TILED, _PER_COLUMN, _BLOCKED_3X3 = 0, 1, 2
 
-# The blocked stride-1 3x3 weight gradient from this output width on. Against the other two, 2 threads, in-process
-# A/B: 32x64x64x32 1.43x, 32x32x32x128 1.97x, 32x16x16x256 1.24x, 128x8x8x64 1.11x, 32x8x8x512 1.06x,
-# 128x16x16x16 level; 0.73-0.85x on 4x4 maps (one pass of four columns does not pay for the copies into the ring).
+# The blocked 3x3 weight gradient (stride 1 or 2) from this output width on. Against the other two, 2 threads,
+# in-process A/B, stride 1: 32x64x64x32 1.43x, 32x32x32x128 1.97x, 32x16x16x256 1.24x, 128x8x8x64 1.11x,
+# 32x8x8x512 1.06x, 128x16x16x16 level; 0.73-0.85x on 4x4 maps (one pass of four columns does not pay for the
+# copies into the ring). Stride 2 (input sizes): 1x112x112x64 1.96x, 32x64x64x64 1.65x, 32x32x32x128 1.48x,
+# 128x16x16x32 1.26x, 32x16x16x256 1.23x; 0.79-1.04x at 4 output columns.
 _MIN_WIDTH_WEIGHT_3X3 = 8
 
 _W_LEGEND = "(KH, KW, C, M)"
@@ -385,6 +387,56 @@ def _weight_row3x3(acc, dyrow, a, b, d, C):
             acc[c + m8] += d[c + o2] * g
 
 
+@fast_kernel(noalias=True)
+def _weight_row3x3s2(acc, dyrow, a, b, d, C):
+    """:func:`_weight_row3x3` at stride 2: a, b, d are padded rows ((2*OW + 1)*C,), output column ow reading their
+    columns 2*ow .. 2*ow + 2. Four columns per pass over nine padded columns (27 input offsets: the overlap checks
+    that once kept such a loop scalar are gone with noalias)."""
+    OW = dyrow.shape[0] // C
+    u = np.uint64
+    Cu = u(C)
+    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
+    ow = 0
+    while ow + 4 <= OW:
+        o0 = u(ow * C)
+        o1, o2, o3 = o0 + m1, o0 + m2, o0 + m3
+        k0 = u(2 * ow * C)  # dy column ow + t pairs with padded columns 2t + kw from here
+        k1, k2, k3, k4, k5, k6, k7, k8 = k0 + m1, k0 + m2, k0 + m3, k0 + m4, k0 + m5, k0 + m6, k0 + m7, k0 + m8
+        for c in range(u(0), Cu):
+            g0, g1, g2, g3 = dyrow[c + o0], dyrow[c + o1], dyrow[c + o2], dyrow[c + o3]
+            p0, p1, p2, p3, p4 = a[c + k0], a[c + k1], a[c + k2], a[c + k3], a[c + k4]
+            p5, p6, p7, p8 = a[c + k5], a[c + k6], a[c + k7], a[c + k8]
+            acc[c] += (p0 * g0 + p2 * g1) + (p4 * g2 + p6 * g3)
+            acc[c + m1] += (p1 * g0 + p3 * g1) + (p5 * g2 + p7 * g3)
+            acc[c + m2] += (p2 * g0 + p4 * g1) + (p6 * g2 + p8 * g3)
+            p0, p1, p2, p3, p4 = b[c + k0], b[c + k1], b[c + k2], b[c + k3], b[c + k4]
+            p5, p6, p7, p8 = b[c + k5], b[c + k6], b[c + k7], b[c + k8]
+            acc[c + m3] += (p0 * g0 + p2 * g1) + (p4 * g2 + p6 * g3)
+            acc[c + m4] += (p1 * g0 + p3 * g1) + (p5 * g2 + p7 * g3)
+            acc[c + m5] += (p2 * g0 + p4 * g1) + (p6 * g2 + p8 * g3)
+            p0, p1, p2, p3, p4 = d[c + k0], d[c + k1], d[c + k2], d[c + k3], d[c + k4]
+            p5, p6, p7, p8 = d[c + k5], d[c + k6], d[c + k7], d[c + k8]
+            acc[c + m6] += (p0 * g0 + p2 * g1) + (p4 * g2 + p6 * g3)
+            acc[c + m7] += (p1 * g0 + p3 * g1) + (p5 * g2 + p7 * g3)
+            acc[c + m8] += (p2 * g0 + p4 * g1) + (p6 * g2 + p8 * g3)
+        ow += 4
+    for ow in range(ow, OW):
+        o0 = u(ow * C)
+        k0 = u(2 * ow * C)
+        k1, k2 = k0 + m1, k0 + m2
+        for c in range(u(0), Cu):
+            g = dyrow[c + o0]
+            acc[c] += a[c + k0] * g
+            acc[c + m1] += a[c + k1] * g
+            acc[c + m2] += a[c + k2] * g
+            acc[c + m3] += b[c + k0] * g
+            acc[c + m4] += b[c + k1] * g
+            acc[c + m5] += b[c + k2] * g
+            acc[c + m6] += d[c + k0] * g
+            acc[c + m7] += d[c + k1] * g
+            acc[c + m8] += d[c + k2] * g
+
+
 @kernel(noalias=True)
 def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last, in_bias, in_lo, in_hi):
     """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows).
@@ -448,28 +500,34 @@ def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, 
 
 
 @fast_sized_kernel(noalias=True)
-def _weight3x3(partial, dy, x, pt, pl, no_bias, no_lo, no_hi):
-    """Weight gradient of the stride-1 3x3 conv. partial: (B, 3, 3, C) output, block b's sum over its share of the
-    output rows (as in :func:`_backward_weight`); dy: (N, OH, OW, C); x: (N, H, W, C); no_bias, no_lo, no_hi: an
-    empty input pass for :func:`_ring_rows`. Each block reads the input rows through its own ring of padded rows
-    and accumulates with :func:`_weight_row3x3`, exactly as :func:`_backward3x3` does."""
+def _weight3x3(partial, dy, x, stride, pt, pl, no_bias, no_lo, no_hi):
+    """Weight gradient of the 3x3 conv at stride 1 or 2 (both axes). partial: (B, 3, 3, C) output, block b's sum
+    over its share of the output rows (as in :func:`_backward_weight`); dy: (N, OH, OW, C); x: (N, H, W, C);
+    no_bias, no_lo, no_hi: an empty input pass for :func:`_ring_rows`. Each block reads the input rows through its
+    own ring of zero-padded rows ((OW - 1)*stride + 3 columns: every output column reads inside it, so border
+    columns take the same loop) and accumulates with :func:`_weight_row3x3` or :func:`_weight_row3x3s2`; at stride
+    1 exactly as :func:`_backward3x3` does."""
     B = partial.shape[0]
     N, OH, OW, C = dy.shape
     H, W = x.shape[1], x.shape[2]
     dyrows = dy.reshape(N * OH, OW * C)
     xrows = x.reshape(N * H, W * C)
-    first, last = _span3x3(W, OW, pl)
+    span = (OW - 1) * stride + 3  # padded columns the row reads
+    first, last = max(0, -pl), min(W, span - pl)
     rows = N * OH
     for blk in prange(B):
         acc = partial[blk].reshape(9 * C)
         acc[:] = 0.0
-        ring = np.zeros((3, (OW + 2) * C), dy.dtype)
+        ring = np.zeros((3, span * C), dy.dtype)
         held = np.full(3, -1, np.int64)
         for r in range(blk * rows // B, (blk + 1) * rows // B):
             n = r // OH
-            a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last, no_bias, no_lo,
-                                 no_hi)
-            _weight_row3x3(acc, dyrows[r], a, b, d, C)
+            a, b, d = _ring_rows(ring, held, xrows, n * H, H, (r - n * OH) * stride - pt, pl, C, first, last,
+                                 no_bias, no_lo, no_hi)
+            if stride == 1:
+                _weight_row3x3(acc, dyrows[r], a, b, d, C)
+            else:
+                _weight_row3x3s2(acc, dyrows[r], a, b, d, C)
 
 
 @parallel_kernel(noalias=True)
@@ -818,10 +876,10 @@ def _weight_gradient(dy, x, w_shape, g, sh, sw):
     """:func:`depthwise_backward_weight` on validated arguments; g, sh, sw the geometry and strides."""
     N = x.shape[0]
     KH, KW, C, M = w_shape
-    blocked = _use_3x3(KH, KW, sh, sw, g.ow) and g.ow >= _MIN_WIDTH_WEIGHT_3X3
+    blocked = (KH, KW) == (3, 3) and sh == sw and sh in (1, 2) and g.ow >= _MIN_WIDTH_WEIGHT_3X3
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C * M, dy.dtype, blocked=blocked)
     if blocked:
-        _weight3x3(partial, np.ascontiguousarray(dy), _expand(x, M), g.pt, g.pl, *_NO_PASS[dy.dtype.type],
+        _weight3x3(partial, np.ascontiguousarray(dy), _expand(x, M), sh, g.pt, g.pl, *_NO_PASS[dy.dtype.type],
                    work=_work(dy))
     else:
         _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, per_column,

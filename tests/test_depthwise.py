@@ -240,35 +240,38 @@ def test_3x3_stride2_forward_matches_oracle(H, W, C, M, padding, threads):
     assert_close(y32, y, rtol=1e-4, atol_floor=1e-4, name="y float32")
 
 
-@given(N=st.integers(1, 3), H=st.integers(1, 7), W=st.integers(6, 28), C=st.integers(1, 19),
+@given(N=st.integers(1, 3), H=st.integers(1, 9), W=st.integers(6, 40), C=st.integers(1, 19),
+       stride=st.sampled_from([1, 2]),
        padding=st.sampled_from(["same", "valid", 0, 1, 2, 3, (2, 0), (0, 3)]), seed=st.integers(0, 2**16))
-def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, padding, seed):
-    """The stride-1 3x3 weight gradient four columns at a time (:func:`_weight3x3`): the oracle's values on every
-    geometry it serves (tail columns, padding wider than the kernel), and the same bits as the fused backward
-    pass, which accumulates the same rows the same way."""
+def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, stride, padding, seed):
+    """The 3x3 weight gradient four columns at a time from padded rows (:func:`_weight3x3`, stride 1 or 2): the
+    oracle's values on every geometry it serves (tail columns, padding wider than the kernel, odd sizes), what
+    the public call returns, and at stride 1 the same bits as the fused backward pass, which accumulates the same
+    rows the same way."""
     from kernels import depthwise
     from kernels.geometry import conv_geometry
     try:
-        g = conv_geometry(H, W, (3, 3), 1, padding)
+        g = conv_geometry(H, W, (3, 3), stride, padding)
     except ValueError:  # no output pixel: rejected before any kernel
         assume(False)
     assume(g.ow >= depthwise._MIN_WIDTH_WEIGHT_3X3)
     rng = np.random.default_rng(seed)
     x, w = rng.standard_normal((N, H, W, C)), rng.standard_normal((3, 3, C, 1))
     dy = rng.standard_normal((N, g.oh, g.ow, C))
+    kw = dict(stride=stride, padding=padding)
     no_pass = depthwise._NO_PASS[np.float64]
     partial, per_column = depthwise._weight_partials(N * g.oh, 3, 3, g.ow, C, dy.dtype, blocked=True)
     assert per_column
-    depthwise._weight3x3.serial(partial, dy, x, g.pt, g.pl, *no_pass)
+    depthwise._weight3x3.serial(partial, dy, x, stride, g.pt, g.pl, *no_pass)
     dw = depthwise._weight_sum(partial, w.shape, g.ow, per_column)
-    assert_close(dw, oracle.depthwise_backward_weight(dy, x, w.shape, stride=1, padding=padding), rtol=1e-12,
-                 name="dw")
-    fused, dx = np.empty_like(partial), np.empty_like(x)
-    depthwise._backward3x3(dx, fused, dy, x, depthwise._flat(w[::-1, ::-1]), g.pt, g.pl, depthwise._BLOCKED_3X3, 1,
-                           *no_pass)
-    np.testing.assert_array_equal(fused, partial)
-    assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, stride=1, padding=padding), rtol=1e-12,
-                 name="dx")
+    assert_close(dw, oracle.depthwise_backward_weight(dy, x, w.shape, **kw), rtol=1e-12, name="dw")
+    np.testing.assert_array_equal(depthwise_backward_weight(dy, x, w.shape, **kw), dw)
+    if stride == 1:
+        fused, dx = np.empty_like(partial), np.empty_like(x)
+        depthwise._backward3x3(dx, fused, dy, x, depthwise._flat(w[::-1, ::-1]), g.pt, g.pl, depthwise._BLOCKED_3X3,
+                               1, *no_pass)
+        np.testing.assert_array_equal(fused, partial)
+        assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, **kw), rtol=1e-12, name="dx")
 
 
 @pytest.mark.parametrize("stride, padding", [(1, "same"), (2, "same"), (2, "valid"), ((1, 2), (2, 1))])
