@@ -44,17 +44,24 @@ _WEIGHT_BLOCKS = 16  # partial sums in the weight gradient: enough blocks to bal
 # 0.39 ms, 32x4x4x1024 0.22 vs 0.32 ms), mixed at 128 (0.92-1.07x), 0.42-0.8x at 16-64 channels.
 _MIN_CHANNELS_WEIGHT_COLS = 256
 
-# How the weight gradient accumulates (the ``mode`` of :func:`_backward3x3`): tiled along the row
-# (:func:`_weight_row`), per channel one column at a time (:func:`_weight_row_cols`), or per channel four columns
-# at a time from padded rows (:func:`_weight_row3x3`, stride-1 3x3 only).
-_TILED, _PER_COLUMN, _BLOCKED_3X3 = 0, 1, 2
+# Where the weight gradient takes the blocked 3x3 kernel (:func:`_weight3x3`, four columns per pass from padded
+# rows) rather than :func:`_backward_weight`. Stride 1: wherever the stride-1 input gradient does (input width
+# >= 4), so that the fused backward pass, which uses it at every width, gives the same bits. In-process A/B, 2
+# threads: 32x64x64x32 1.43x, 32x32x32x128 1.97x, 32x16x16x256 1.24x, 128x8x8x64 1.11x, 32x8x8x512 1.06x,
+# 128x16x16x16 level; on 4x4 maps 0.73-0.85x as a separate pass but 1.10x (128x4x4x128) and 0.85x (32x4x4x1024)
+# inside the fused pass, where training runs them. Keeping the other accumulators in the fused kernel as well
+# pushed the cold compile of all kernels to 44-45 s. Stride 2, from 8 output columns (input sizes):
+# 1x112x112x64 1.96x, 32x64x64x64 1.65x, 32x32x32x128 1.48x, 128x16x16x32 1.26x, 32x16x16x256 1.23x; 0.79-1.04x
+# at 4 columns.
+_MIN_WIDTH_WEIGHT_3X3_S2 = 8
 
-# The blocked 3x3 weight gradient (stride 1 or 2) from this output width on. Against the other two, 2 threads,
-# in-process A/B, stride 1: 32x64x64x32 1.43x, 32x32x32x128 1.97x, 32x16x16x256 1.24x, 128x8x8x64 1.11x,
-# 32x8x8x512 1.06x, 128x16x16x16 level; 0.73-0.85x on 4x4 maps (one pass of four columns does not pay for the
-# copies into the ring). Stride 2 (input sizes): 1x112x112x64 1.96x, 32x64x64x64 1.65x, 32x32x32x128 1.48x,
-# 128x16x16x32 1.26x, 32x16x16x256 1.23x; 0.79-1.04x at 4 output columns.
-_MIN_WIDTH_WEIGHT_3X3 = 8
+
+def _use_weight3x3(KH, KW, sh, sw, in_width, out_width):
+    """Whether the weight gradient takes :func:`_weight3x3`: at stride 1 exactly where :func:`depthwise_backward`
+    may take the fused pass (input rows at least 4 wide), at stride 2 from 8 output columns."""
+    return _use_3x3(KH, KW, sh, sw, in_width) or (_use_3x3_s2(KH, KW, sh, sw, out_width)
+                                                  and out_width >= _MIN_WIDTH_WEIGHT_3X3_S2)
+
 
 _W_LEGEND = "(KH, KW, C, M)"
 
@@ -531,17 +538,13 @@ def _weight3x3(partial, dy, x, stride, pt, pl, no_bias, no_lo, no_hi):
 
 
 @parallel_kernel(noalias=True)
-def _backward3x3(dx, partial, dy, x, wf, pt, pl, mode, one, no_bias, no_lo, no_hi):
+def _backward3x3(dx, partial, dy, x, wf, pt, pl, no_bias, no_lo, no_hi):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
-    partial: (B, KH, KW, L) output as in :func:`_backward_weight` (L = C in modes ``_PER_COLUMN`` and
-    ``_BLOCKED_3X3``, as in :func:`_weight3x3`); dy: (N, OH, OW, C); x: (N, H, W, C);
-    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; mode: how the weight gradient
-    accumulates (``_TILED``, ``_PER_COLUMN``, ``_BLOCKED_3X3``); no_bias, no_lo, no_hi: an empty
-    input pass for :func:`_ring_rows` (``_NO_PASS``, typed by the caller); one: the int 1,
-    the stride, passed in because a literal 1 in the call made Numba compile :func:`_weight_row` for a literal
-    type, and that version ran 4x slower.
+    partial: (B, 3, 3, C) output as in :func:`_weight3x3`; dy: (N, OH, OW, C); x: (N, H, W, C);
+    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; no_bias, no_lo, no_hi: an empty
+    input pass for :func:`_ring_rows` (``_NO_PASS``, typed by the caller).
 
-    Block b computes its weight-gradient rows (the same rows, in the same order, as :func:`_backward_weight`) and
+    Block b computes its weight-gradient rows (the same rows, in the same order, as :func:`_weight3x3`) and
     input-gradient rows (each as in :func:`_forward3x3` on dy with the flipped kernel), interleaved row by row:
     with 'same' padding the dy rows that input row i reads are the ones the weight gradient just read, so dy comes
     from memory once instead of twice. Every value is computed exactly as by the two separate kernels. Compiled
@@ -559,12 +562,11 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, mode, one, no_bias, no_lo, no_h
     x_first, x_last = _span3x3(W, OW, pl)
     rows, in_rows = N * OH, N * H
     for blk in prange(B):
-        acc = partial[blk]  # (KH, KW, L)
+        acc = partial[blk].reshape(9 * C)
         acc[:] = 0.0
-        acc_flat = acc.reshape(acc.size)
         ring = np.zeros((3, (W + 2) * C), dy.dtype)  # padded dy rows under the input-gradient taps
         held = np.full(3, -1, np.int64)
-        x_ring = np.zeros((3, (OW + 2) * C if mode == _BLOCKED_3X3 else 0), dy.dtype)  # padded x rows
+        x_ring = np.zeros((3, (OW + 2) * C), dy.dtype)  # padded x rows under the weight-gradient taps
         x_held = np.full(3, -1, np.int64)
         r0, r1 = blk * rows // B, (blk + 1) * rows // B
         i0, i1 = blk * in_rows // B, (blk + 1) * in_rows // B
@@ -572,14 +574,9 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, mode, one, no_bias, no_lo, no_h
             r = r0 + j
             if r < r1:
                 n = r // OH
-                if mode == _BLOCKED_3X3:
-                    xa, xb, xd = _ring_rows(x_ring, x_held, xrows, n * H, H, r - n * OH - pt, pl, C, x_first, x_last,
-                                            no_bias, no_lo, no_hi)
-                    _weight_row3x3(acc_flat, dyrows[r], xa, xb, xd, C)
-                elif mode == _PER_COLUMN:
-                    _weight_row_cols(acc, dyrows[r], xrows, n, H, r - n * OH, one, one, pt, pl, W, OW, C)
-                else:
-                    _weight_row(acc, dyrows[r], xrows, n, H, r - n * OH, one, one, pt, pl, W, OW, C)
+                xa, xb, xd = _ring_rows(x_ring, x_held, xrows, n * H, H, r - n * OH - pt, pl, C, x_first, x_last,
+                                        no_bias, no_lo, no_hi)
+                _weight_row3x3(acc, dyrows[r], xa, xb, xd, C)
             i = i0 + j
             if i < i1:
                 n = i // H
@@ -838,13 +835,10 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
         dw = _weight_gradient(dy, x, w.shape, g, sh, sw)  # arguments validated once, above
         return (_input_gradient(dy, w, x.shape, g, sh, sw) if need_dx else None), dw
-    mode = _BLOCKED_3X3 if g.ow >= _MIN_WIDTH_WEIGHT_3X3 else None
-    partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype, blocked=mode is not None)
-    if mode is None:
-        mode = _PER_COLUMN if per_column else _TILED
+    partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype, blocked=True)
     dx = np.empty(x.shape, dy.dtype)
     _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]), g.pt, g.pl,
-                 mode, 1, *_NO_PASS[dy.dtype.type])
+                 *_NO_PASS[dy.dtype.type])
     return dx, _weight_sum(partial, w.shape, g.ow, per_column)
 
 
@@ -876,7 +870,7 @@ def _weight_gradient(dy, x, w_shape, g, sh, sw):
     """:func:`depthwise_backward_weight` on validated arguments; g, sh, sw the geometry and strides."""
     N = x.shape[0]
     KH, KW, C, M = w_shape
-    blocked = (KH, KW) == (3, 3) and sh == sw and sh in (1, 2) and g.ow >= _MIN_WIDTH_WEIGHT_3X3
+    blocked = _use_weight3x3(KH, KW, sh, sw, x.shape[2], g.ow)
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C * M, dy.dtype, blocked=blocked)
     if blocked:
         _weight3x3(partial, np.ascontiguousarray(dy), _expand(x, M), sh, g.pt, g.pl, *_NO_PASS[dy.dtype.type],

@@ -163,8 +163,8 @@ def test_3x3_stride1_kernel_over_geometry(N, H, W, C, padding, blocks, seed):
     (3, 6, 17, 40, "valid"),     # fewer output rows than input rows: the two kinds of rows split differently
     (2, 4, 16, 33, (3, 0)),      # more output rows than input rows
     (4, 8, 8, 5, "same"),        # a narrow map, few channels
-    (4, 6, 6, 8, "same"),        # narrower than the blocked weight gradient serves: row-tiled accumulators
-    (2, 5, 7, 256, 1),           # the same with per-column accumulators
+    (4, 6, 6, 8, "same"),        # the narrowest maps: one pass of four columns, then single ones
+    (2, 5, 4, 256, "valid"),     # two output columns, each a single one, many channels
 ])
 def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding, monkeypatch):
     """depthwise_backward's one-pass stride-1 3x3 kernel against the two separate gradient calls and the oracle."""
@@ -240,7 +240,7 @@ def test_3x3_stride2_forward_matches_oracle(H, W, C, M, padding, threads):
     assert_close(y32, y, rtol=1e-4, atol_floor=1e-4, name="y float32")
 
 
-@given(N=st.integers(1, 3), H=st.integers(1, 9), W=st.integers(6, 40), C=st.integers(1, 19),
+@given(N=st.integers(1, 3), H=st.integers(1, 9), W=st.integers(2, 40), C=st.integers(1, 19),
        stride=st.sampled_from([1, 2]),
        padding=st.sampled_from(["same", "valid", 0, 1, 2, 3, (2, 0), (0, 3)]), seed=st.integers(0, 2**16))
 def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, stride, padding, seed):
@@ -254,7 +254,7 @@ def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, stride, padding, 
         g = conv_geometry(H, W, (3, 3), stride, padding)
     except ValueError:  # no output pixel: rejected before any kernel
         assume(False)
-    assume(g.ow >= depthwise._MIN_WIDTH_WEIGHT_3X3)
+    assume(depthwise._use_weight3x3(3, 3, stride, stride, W, g.ow))
     rng = np.random.default_rng(seed)
     x, w = rng.standard_normal((N, H, W, C)), rng.standard_normal((3, 3, C, 1))
     dy = rng.standard_normal((N, g.oh, g.ow, C))
@@ -268,8 +268,7 @@ def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, stride, padding, 
     np.testing.assert_array_equal(depthwise_backward_weight(dy, x, w.shape, **kw), dw)
     if stride == 1:
         fused, dx = np.empty_like(partial), np.empty_like(x)
-        depthwise._backward3x3(dx, fused, dy, x, depthwise._flat(w[::-1, ::-1]), g.pt, g.pl, depthwise._BLOCKED_3X3,
-                               1, *no_pass)
+        depthwise._backward3x3(dx, fused, dy, x, depthwise._flat(w[::-1, ::-1]), g.pt, g.pl, *no_pass)
         np.testing.assert_array_equal(fused, partial)
         assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, **kw), rtol=1e-12, name="dx")
 
