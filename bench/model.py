@@ -616,12 +616,20 @@ def _public_kernel_calls():
         ("depthwise_backward_input", lambda: [dw.depthwise_backward_input(yd, wd, x.shape, padding="same"),
                                               dw.depthwise_backward_input(y2[..., :3], wd, x.shape, stride=2,
                                                                           padding="same")]),
-        ("depthwise_backward_weight", lambda: dw.depthwise_backward_weight(yd, x, wd.shape, padding="same")),
-        # a wider map with many channels takes the stride-2 3x3 kernel and the per-column weight accumulators
+        # stride 1 takes the blocked 3x3 weight gradient; stride 2 on 3 output columns the row-tiled loops
+        ("depthwise_backward_weight", lambda: [dw.depthwise_backward_weight(yd, x, wd.shape, padding="same"),
+                                               dw.depthwise_backward_weight(y2[..., :3], x, wd.shape, stride=2,
+                                                                            padding="same")]),
+        # a wider map with many channels takes the stride-2 3x3 kernels (forward, blocked weight gradient from 8
+        # output columns) and, on 2 output columns, the per-column weight accumulators
         ("depthwise 3x3 paths", lambda: [dw.depthwise_forward(xw, ww, stride=1, padding="same"),
                                          dw.depthwise_forward(xw, ww, stride=2, padding="same"),
                                          dw.depthwise_backward_input(xw, ww, xw.shape, padding="same"),
-                                         dw.depthwise_backward_weight(xw, xw, ww.shape, padding="same")]),
+                                         dw.depthwise_backward_weight(xw, xw, ww.shape, padding="same"),
+                                         dw.depthwise_backward_weight(xw[:, :8, :8], xw, ww.shape, stride=2,
+                                                                      padding="same"),
+                                         dw.depthwise_backward_weight(xw[:, :2, :2], xw[:, :4, :4], ww.shape,
+                                                                      stride=2, padding="same")]),
         ("depthwise_backward", lambda: [dw.depthwise_backward(yd, x, wd, padding="same"),
                                         dw.depthwise_backward(xw, xw, ww, padding="same")]),
         ("pointwise_forward", lambda: pw.pointwise_forward(x, wp)),
