@@ -359,8 +359,9 @@ _GROUP_VALUES = 128
 
 
 def _group(m, c_size):
-    """R, the rows of the (M, C) view each kernel row holds: the smallest power of two dividing M with R * C >=
-    :data:`_GROUP_VALUES` (or the largest such power below it)."""
+    """R, the rows of the (M, C) view each kernel row holds: the smallest power of two with R * C >=
+    :data:`_GROUP_VALUES`, or, when M is not a multiple of that, the largest power of two below it that divides M
+    (1 for odd M, as before the grouping)."""
     r = 1
     while r * c_size < _GROUP_VALUES and m % (2 * r) == 0:
         r *= 2
