@@ -198,6 +198,24 @@ def _bias_act_row(yrow, bias, lo, hi):
             yrow[o + c] = hi if v > hi else v
 
 
+@kernel
+def _scale_act_row(row, center, k, beta, lo, hi):
+    """row (L,) = clip((row - center) * k + beta, lo, hi) in place, per-channel vectors (C,), L a multiple of C:
+    :func:`_scale_act_kernel`'s operations on one row (bit for bit: compiled without contraction, like it). The
+    depthwise kernels run it on each input row they copy, so that a training batch norm + activation whose output
+    only feeds them is never written (with center 0 and k 1 it is the folded bias pass, bit for bit as well:
+    (v - 0) * 1 is v)."""
+    C = k.shape[0]
+    u = np.uint64
+    Cu = u(C)
+    for ow in range(row.shape[0] // C):
+        o = u(ow * C)
+        for c in range(u(0), Cu):
+            v = (row[o + c] - center[c]) * k[c] + beta[c]
+            v = lo if v < lo else v
+            row[o + c] = hi if v > hi else v
+
+
 @sized_kernel
 def _bias_act_rows_kernel(y, bias, lo, hi):
     """:func:`_bias_act_row` on every row of y (R, L) in place, L a multiple of bias's C.
@@ -397,9 +415,15 @@ def _batch_stats(x2, r, running_mean, running_var, momentum, eps):
 
 def _check_train_args(x, gamma, beta, running_mean, running_var, momentum, eps):
     _check_x("x", x)
-    _check_channel_vectors(x.shape[-1], "x", gamma=gamma, beta=beta, running_mean=running_mean,
-                           running_var=running_var)
-    check_same_dtype(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    _check_channel_vectors(x.shape[-1], "x", gamma=gamma, beta=beta)
+    check_same_dtype(x=x, gamma=gamma, beta=beta)
+    return _check_stats_args(x, running_mean, running_var, momentum, eps)
+
+
+def _check_stats_args(x, running_mean, running_var, momentum, eps):
+    _check_x("x", x)
+    _check_channel_vectors(x.shape[-1], "x", running_mean=running_mean, running_var=running_var)
+    check_same_dtype(x=x, running_mean=running_mean, running_var=running_var)
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):
         if not v.flags.writeable:
             raise ValueError(f"{name} must be writable: it is updated in place, got a read-only array")
@@ -408,6 +432,50 @@ def _check_train_args(x, gamma, beta, running_mean, running_var, momentum, eps):
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] (Keras convention, e.g. 0.99), got {momentum!r}")
     return _check_positive("eps", eps)
+
+
+def batchnorm_stats_train(x, running_mean, running_var, *, momentum=0.99, eps=1e-3):
+    """The batch statistics of :func:`batchnorm_act_forward_train` alone, with the same running-statistics update:
+    for a caller that applies the normalization inside the next kernel (the depthwise input pass) and never writes
+    the batch norm's output. y = act((x - mean) * k + beta) with k = gamma * inv_std in x's dtype is then bit for
+    bit what :func:`batchnorm_act_forward_train` writes, and :func:`batchnorm_act_backward` takes (x, mean,
+    inv_std) as usual.
+
+    Args:
+        x: (N, H, W, C) or (N, C) float32/float64 activations.
+        running_mean, running_var: (C,) writable buffers, x's dtype; updated in place.
+        momentum, eps: as in :func:`batchnorm_forward_train`.
+
+    Returns:
+        (mean, inv_std): (C,) each, x's dtype.
+    """
+    eps = _check_stats_args(x, running_mean, running_var, momentum, eps)
+    x2, r = _grouped(x)  # (M/R, R*C)
+    return _batch_stats(x2, r, running_mean, running_var, momentum, eps)
+
+
+def scale_act_forward(x, center, scale, shift, *, act=None):
+    """y = act((x - center) * scale + shift) per channel, one pass: a training batch norm's output from its batch
+    statistics (center = mean, scale = gamma * inv_std, shift = beta), bit for bit as
+    :func:`batchnorm_act_forward_train` writes it.
+
+    Args:
+        x: (N, H, W, C) or (N, C) float32/float64.
+        center, scale, shift: (C,), x's dtype.
+        act: None, 'relu' or 'relu6'.
+
+    Returns:
+        y shaped like x, x's dtype.
+    """
+    _check_x("x", x)
+    _check_channel_vectors(x.shape[-1], "x", center=center, scale=scale, shift=shift)
+    check_same_dtype(x=x, center=center, scale=scale, shift=shift)
+    lo, hi = _check_act(act)
+    x2, r = _grouped(x)  # (M/R, R*C)
+    y = np.empty(x.shape, x.dtype)
+    _scale_act_kernel(y.reshape(x2.shape), x2, np.ascontiguousarray(center), np.ascontiguousarray(scale),
+                      np.ascontiguousarray(shift), x.dtype.type(lo), x.dtype.type(hi), work=x2.size)
+    return y
 
 
 def batchnorm_forward_train(x, gamma, beta, running_mean, running_var, *, momentum=0.99, eps=1e-3):

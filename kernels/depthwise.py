@@ -37,7 +37,7 @@ from numba import prange
 from ._check import check_float_array, check_same_dtype, check_shape
 from . import _jit
 from ._jit import fast_kernel, fast_sized_kernel, kernel, parallel_kernel, sized_kernel
-from .batchnorm import ACTIVATIONS, _bias_act_row, bias_act_forward
+from .batchnorm import ACTIVATIONS, _bias_act_row, _scale_act_row, scale_act_forward
 from .conv import _check_channels, _check_dy, _check_shape_arg
 from .geometry import conv_geometry, normalize_window
 
@@ -69,8 +69,11 @@ def _use_weight3x3(KH, KW, sh, sw, in_width, out_width):
 
 _W_LEGEND = "(KH, KW, C, M)"
 
-# (bias, lo, hi) of an output or input pass that does not happen: an empty bias skips it.
+# (bias, lo, hi) of an output pass that does not happen: an empty bias skips it.
 _NO_PASS = {t: (np.zeros(0, t), t(-np.inf), t(np.inf)) for t in (np.float32, np.float64)}
+# (center, scale, shift, lo, hi) of an input pass that does not happen: an empty shift skips it.
+_NO_IN_PASS = {t: (np.zeros(0, t), np.zeros(0, t), np.zeros(0, t), t(-np.inf), t(np.inf))
+               for t in (np.float32, np.float64)}
 
 
 @kernel
@@ -449,14 +452,15 @@ def _weight_row3x3s2(acc, dyrow, a, b, d, C):
 
 
 @kernel(noalias=True)
-def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last, in_bias, in_lo, in_hi):
+def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last, in_center, in_k, in_shift, in_lo, in_hi):
     """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows).
 
     ring (3, (OW + 2)*C) keeps input row i in slot i % 3, input column iw at padded column iw + pl, so that
     consecutive output rows copy one new input row each; held (3,) says which row each slot holds (base + i, or
     -1 for a padding row: all zeros). Input columns [first, last) are copied; padded columns outside the input
-    are never written and stay zero. A non-empty in_bias (C,) maps each copied row to clip(row + in_bias, in_lo,
-    in_hi) (:func:`_bias_act_row`) in cache: the output pass of the layer before, deferred to this copy.
+    are never written and stay zero. A non-empty in_shift (C,) maps each copied row to clip((row - in_center) *
+    in_k + in_shift, in_lo, in_hi) (:func:`_scale_act_row`) in cache: the output pass of the layer before (a
+    folded bias, or a training batch norm and its activation), deferred to this copy.
     """
     u = np.uint64
     for t in range(3):
@@ -472,8 +476,8 @@ def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last, in_bias, in_l
                 d0, s0 = u((first + pl) * C), u(first * C)
                 for j in range(u((last - first) * C)):
                     row[d0 + j] = src[s0 + j]
-                if in_bias.shape[0] > 0:
-                    _bias_act_row(row[(first + pl) * C:(last + pl) * C], in_bias, in_lo, in_hi)
+                if in_shift.shape[0] > 0:
+                    _scale_act_row(row[(first + pl) * C:(last + pl) * C], in_center, in_k, in_shift, in_lo, in_hi)
             held[slot] = key
     return ring[ih % 3], ring[(ih + 1) % 3], ring[(ih + 2) % 3]
 
@@ -486,10 +490,11 @@ def _span3x3(W, OW, pl):
 
 
 @fast_sized_kernel(noalias=True)
-def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, in_hi):
+def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_center, in_k, in_shift, in_lo, in_hi):
     """Stride-1 3x3 depthwise conv. y: (N, OH, OW, C) output, written entirely; x: (N, H, W, C);
     wf: (9*C,) weights, entry (kh*3 + kw)*C + c; pt and pl may be any ints; bias (C,), act_lo, act_hi: the
-    output pass of :func:`_bias_act_row`, none when bias is empty (0,); in_bias, in_lo, in_hi: the same on the
+    output pass of :func:`_bias_act_row`, none when bias is empty (0,); in_center, in_k, in_shift, in_lo, in_hi:
+    the input pass of :func:`_scale_act_row`, on the
     input rows as they enter the ring (the previous layer's output pass). Output rows are split into ``blocks``
     runs, each with its own ring of padded input rows (:func:`_ring_rows`); the split changes no value."""
     N, OH, OW, C = y.shape
@@ -503,18 +508,19 @@ def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, 
         held = np.full(3, -1, np.int64)
         for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
             n = r // OH
-            a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last, in_bias, in_lo,
-                                 in_hi)
+            a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last, in_center, in_k,
+                                 in_shift, in_lo, in_hi)
             _row3x3(yrows[r], a, b, d, wf, C)
             if bias.shape[0] > 0:
                 _bias_act_row(yrows[r], bias, act_lo, act_hi)
 
 
 @fast_sized_kernel(noalias=True)
-def _weight3x3(partial, dy, x, stride, pt, pl, no_bias, no_lo, no_hi):
+def _weight3x3(partial, dy, x, stride, pt, pl, in_center, in_k, in_shift, in_lo, in_hi):
     """Weight gradient of the 3x3 conv at stride 1 or 2 (both axes). partial: (B, 3, 3, C) output, block b's sum
     over its share of the output rows (as in :func:`_backward_weight`); dy: (N, OH, OW, C); x: (N, H, W, C);
-    no_bias, no_lo, no_hi: an empty input pass for :func:`_ring_rows`. Each block reads the input rows through its
+    in_center, in_k, in_shift, in_lo, in_hi: the input pass of the forward (:func:`_ring_rows`, empty for none),
+    applied again to the copied rows, so x is the pass's input. Each block reads the input rows through its
     own ring of zero-padded rows ((OW - 1)*stride + 3 columns: every output column reads inside it, so border
     columns take the same loop) and accumulates with :func:`_weight_row3x3` or :func:`_weight_row3x3s2`; at stride
     1 exactly as :func:`_backward3x3` does."""
@@ -534,7 +540,7 @@ def _weight3x3(partial, dy, x, stride, pt, pl, no_bias, no_lo, no_hi):
         for r in range(blk * rows // B, (blk + 1) * rows // B):
             n = r // OH
             a, b, d = _ring_rows(ring, held, xrows, n * H, H, (r - n * OH) * stride - pt, pl, C, first, last,
-                                 no_bias, no_lo, no_hi)
+                                 in_center, in_k, in_shift, in_lo, in_hi)
             if stride == 1:
                 _weight_row3x3(acc, dyrows[r], a, b, d, C)
             else:
@@ -542,11 +548,11 @@ def _weight3x3(partial, dy, x, stride, pt, pl, no_bias, no_lo, no_hi):
 
 
 @parallel_kernel(noalias=True)
-def _backward3x3(dx, partial, dy, x, wf, pt, pl, no_bias, no_lo, no_hi):
+def _backward3x3(dx, partial, dy, x, wf, pt, pl, in_center, in_k, in_shift, in_lo, in_hi):
     """Both gradients of the stride-1 3x3 conv in one pass over dy. dx: (N, H, W, C) output, written entirely;
     partial: (B, 3, 3, C) output as in :func:`_weight3x3`; dy: (N, OH, OW, C); x: (N, H, W, C);
-    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; no_bias, no_lo, no_hi: an empty
-    input pass for :func:`_ring_rows` (``_NO_PASS``, typed by the caller).
+    wf: (9*C,) the weights flipped in both axes, entry (kh*3 + kw)*C + c; in_center, in_k, in_shift, in_lo,
+    in_hi: the forward's input pass, applied to the copied x rows as in :func:`_weight3x3` (empty for none).
 
     Block b computes its weight-gradient rows (the same rows, in the same order, as :func:`_weight3x3`) and
     input-gradient rows (each as in :func:`_forward3x3` on dy with the flipped kernel), interleaved row by row:
@@ -572,6 +578,7 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, no_bias, no_lo, no_hi):
         held = np.full(3, -1, np.int64)
         x_ring = np.zeros((3, (OW + 2) * C), dy.dtype)  # padded x rows under the weight-gradient taps
         x_held = np.full(3, -1, np.int64)
+        no_pass = in_shift[:0]  # dy rows are copied as they are
         r0, r1 = blk * rows // B, (blk + 1) * rows // B
         i0, i1 = blk * in_rows // B, (blk + 1) * in_rows // B
         for j in range(max(r1 - r0, i1 - i0)):
@@ -579,21 +586,22 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, no_bias, no_lo, no_hi):
             if r < r1:
                 n = r // OH
                 xa, xb, xd = _ring_rows(x_ring, x_held, xrows, n * H, H, r - n * OH - pt, pl, C, x_first, x_last,
-                                        no_bias, no_lo, no_hi)
+                                        in_center, in_k, in_shift, in_lo, in_hi)
                 _weight_row3x3(acc, dyrows[r], xa, xb, xd, C)
             i = i0 + j
             if i < i1:
                 n = i // H
-                a, b, d = _ring_rows(ring, held, dyrows, n * OH, OH, i - n * H - qt, ql, C, first, last, no_bias,
-                                     no_lo, no_hi)
+                a, b, d = _ring_rows(ring, held, dyrows, n * OH, OH, i - n * H - qt, ql, C, first, last, no_pass,
+                                     no_pass, no_pass, in_lo, in_hi)
                 _row3x3(dxrows[i], a, b, d, wf, C)
 
 
 @fast_sized_kernel(noalias=True)
-def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_bias, in_lo, in_hi):
+def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_center, in_k, in_shift, in_lo, in_hi):
     """Stride-2 3x3 depthwise conv, two output columns per pass. y: (N, OH, OW, C) output, written entirely;
     x: (N, H, W, C); wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros; bias (C,), act_lo, act_hi:
-    the output pass of :func:`_bias_act_row`, none when bias is empty (0,); in_bias, in_lo, in_hi: the same on
+    the output pass of :func:`_bias_act_row`, none when bias is empty (0,); in_center, in_k, in_shift, in_lo,
+    in_hi: the input pass of :func:`_scale_act_row`, on
     the input rows, which are then read from a ring of three copies (:func:`_ring_rows`, no padding columns)
     instead of in place. Output rows are split into ``blocks`` runs, each with its own ring.
 
@@ -613,7 +621,7 @@ def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_bias,
     m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
     two = 2 * (OW // OW)  # the stride as a plain int, as in :func:`_row3x3`
     rows = N * OH
-    copies = in_bias.shape[0] > 0
+    copies = in_shift.shape[0] > 0
     for blk in prange(blocks):
         ring = np.zeros((3, W * C if copies else 0), y.dtype)
         held = np.full(3, -1, np.int64)
@@ -621,7 +629,8 @@ def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_bias,
             n = r // OH
             ih = (r - n * OH) * 2 - pt
             if copies:
-                a, b, d = _ring_rows(ring, held, xrows, n * H, H, ih, 0, C, 0, W, in_bias, in_lo, in_hi)
+                a, b, d = _ring_rows(ring, held, xrows, n * H, H, ih, 0, C, 0, W, in_center, in_k, in_shift, in_lo,
+                                     in_hi)
             else:
                 a, b, d = _three_rows(xrows, n * H, H, ih, zero)
             yrow = yrows[r]
@@ -688,13 +697,16 @@ def _expand(x, M):
     return x if M == 1 else np.repeat(x, M, axis=3)  # (N, H, W, C*M)
 
 
-def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None, in_bias=None, in_act=None):
+def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None, in_bias=None, in_act=None,
+                      in_center=None, in_scale=None):
     """Depthwise convolution: each input channel convolved with its own M filters, optionally followed by a
     per-channel bias and an activation computed in the same pass (a batch norm folded for inference), and
-    optionally preceded by the same on its input (the previous layer's, deferred).
+    optionally preceded by a per-channel affine map and an activation on its input (the previous layer's output
+    pass, deferred: a folded batch norm's bias, or a training batch norm applied from its batch statistics).
 
-    y = act(depthwise(in_act(x + in_bias), w) + bias), the padding zeros added after in_act: bit for bit
-    :func:`kernels.batchnorm.bias_act_forward` on x, the plain forward, then ``bias_act_forward`` on its output.
+    y = act(depthwise(in_act((x - in_center) * in_scale + in_bias), w) + bias), the padding zeros added after
+    in_act: bit for bit :func:`kernels.batchnorm.scale_act_forward` on x, the plain forward, then
+    :func:`kernels.batchnorm.bias_act_forward` on its output.
     Each output row gets its bias and activation while it is still in cache. The 3x3 kernels apply the input pass
     as they copy each input row into a ring of three rows (the stride-1 kernel copies them anyway; the stride-2
     one then reads the copies instead of x): no pass over memory (see :func:`input_pass_is_free`). Elsewhere it
@@ -709,6 +721,8 @@ def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None, i
         act: None, 'relu' or 'relu6', applied after the bias (with or without one).
         in_bias: optional (C,) per input channel, same dtype, added to x first.
         in_act: None, 'relu' or 'relu6', applied to x after in_bias (with or without one).
+        in_center, in_scale: optional (C,), same dtype: x is first centred and scaled, (x - in_center) * in_scale
+            (a batch norm's mean and gamma * inv_std), then in_bias and in_act follow.
 
     Returns:
         y: (N, OH, OW, C*M), x's dtype; channel c*M + m is input channel c through filter m.
@@ -720,13 +734,12 @@ def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None, i
     N, H, W, C = x.shape
     KH, KW, _, M = w.shape
     out_pass = _pass_args("bias", bias, "act", act, C * M, x.dtype)
-    in_pass = _pass_args("in_bias", in_bias, "in_act", in_act, C, x.dtype)
+    in_pass = _in_pass_args(in_center, in_scale, in_bias, in_act, C, x.dtype)
     g = conv_geometry(H, W, (KH, KW), stride, padding)
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     ring, s2 = _use_3x3(KH, KW, sh, sw, g.ow), _use_3x3_s2(KH, KW, sh, sw, g.ow)
-    if in_pass[0].size and not ((ring or s2) and M == 1):  # no input copy to fold the input pass into
-        x = bias_act_forward(x, in_pass[0], act=in_act)
-        in_pass = _NO_PASS[x.dtype.type]
+    if in_pass[2].size and not ((ring or s2) and M == 1):  # no input copy to fold the input pass into
+        x, in_pass = _apply_in_pass(x, in_pass, in_act)
     y = np.empty((N, g.oh, g.ow, C * M), x.dtype)
     if ring:
         _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), *out_pass, *in_pass, work=_work(y))
@@ -754,6 +767,32 @@ def _pass_args(bias_name, bias, act_name, act, channels, dtype):
         bias = np.zeros(channels, dtype)
     lo, hi = (dtype.type(v) for v in ACTIVATIONS[act])
     return np.ascontiguousarray(bias), lo, hi
+
+
+def _in_pass_args(center, scale, bias, act, channels, dtype):
+    """Validated (center, scale, shift, lo, hi) of an input pass: empty vectors when there is none (no act and no
+    vector), zeros and ones for the vectors not given."""
+    if center is None and scale is None and bias is None and act is None:
+        return _NO_IN_PASS[dtype.type]
+    vectors = []
+    for name, v, fill in (("in_center", center, 0.0), ("in_scale", scale, 1.0)):
+        if v is None:
+            vectors.append(np.full(channels, fill, dtype))
+            continue
+        check_float_array(name, v, 1, f"({channels},)")
+        check_shape(name, v, (channels,))
+        if v.dtype != dtype:
+            raise TypeError(f"{name} must have x's dtype {dtype}, got {v.dtype}")
+        vectors.append(np.ascontiguousarray(v))
+    shift, lo, hi = _pass_args("in_bias", bias, "in_act", act, channels, dtype)
+    if shift.size == 0:  # no bias and no act, but a center or a scale
+        shift = np.zeros(channels, dtype)
+    return (*vectors, shift, lo, hi)
+
+
+def _apply_in_pass(x, in_pass, act):
+    """x with its input pass applied in a pass of its own (where no kernel copies the rows), and the empty pass."""
+    return scale_act_forward(x, *in_pass[:3], act=act), _NO_IN_PASS[x.dtype.type]
 
 
 def input_pass_is_free(kernel_size, stride, padding, in_shape, depth_multiplier=1):
@@ -803,13 +842,14 @@ def _input_gradient(dy, w, x_shape, g, sh, sw):
         # Stride 1: dx[ih, iw] = sum_{kh, kw} dy[ih + pt - kh, iw + pl - kw] w[kh, kw] is a forward depthwise conv
         # of dy with the kernel flipped in both axes and padding 2 - pt, 2 - pl (dy rows outside [0, OH) are 0).
         _forward3x3(dx, np.ascontiguousarray(dy), _flat(w[::-1, ::-1]), 2 - g.pt, 2 - g.pl, _blocks(dy),
-                    *_NO_PASS[dy.dtype.type], *_NO_PASS[dy.dtype.type], work=_work(dy))
+                    *_NO_PASS[dy.dtype.type], *_NO_IN_PASS[dy.dtype.type], work=_work(dy))
     else:
         _backward_input(dx, np.ascontiguousarray(dy), _tiled(w, g.ow), sh, sw, g.pt, g.pl, work=_work(dy))
     return dx if M == 1 else dx.reshape(N, H, W, C, M).sum(axis=4)  # (N, H, W, C)
 
 
-def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
+def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True, in_center=None, in_scale=None,
+                       in_bias=None, in_act=None):
     """Both gradients at once: what a layer's backward pass needs.
 
     Equal bit for bit to :func:`depthwise_backward_weight` and :func:`depthwise_backward_input`. Where the input
@@ -823,6 +863,9 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
         w: (KH, KW, C, M), same dtype.
         stride, padding: as in the forward call.
         need_dx: False to skip the input gradient (the first layer of a network).
+        in_center, in_scale, in_bias, in_act: the forward call's input pass, if it had one: x is then the pass's
+            input, and the weight gradient applies the pass again as it copies x's rows (the blocked 3x3 kernels;
+            elsewhere in a pass of its own). dx is the gradient with respect to the pass's output.
 
     Returns:
         (dx, dw): dx (N, H, W, C) or None when ``need_dx`` is False; dw (KH, KW, C, M); dy's dtype.
@@ -836,13 +879,16 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x, w=w)
+    in_pass = _in_pass_args(in_center, in_scale, in_bias, in_act, C, x.dtype)
+    if in_pass[2].size and not (M == 1 and _use_weight3x3(KH, KW, sh, sw, W, g.ow)):
+        x, in_pass = _apply_in_pass(x, in_pass, in_act)  # no row copy to apply it in
     if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
-        dw = _weight_gradient(dy, x, w.shape, g, sh, sw)  # arguments validated once, above
+        dw = _weight_gradient(dy, x, w.shape, g, sh, sw, in_pass)  # arguments validated once, above
         return (_input_gradient(dy, w, x.shape, g, sh, sw) if need_dx else None), dw
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C, dy.dtype, blocked=True)
     dx = np.empty(x.shape, dy.dtype)
     _backward3x3(dx, partial, np.ascontiguousarray(dy), np.ascontiguousarray(x), _flat(w[::-1, ::-1]), g.pt, g.pl,
-                 *_NO_PASS[dy.dtype.type])
+                 *in_pass)
     return dx, _weight_sum(partial, w.shape, g.ow, per_column)
 
 
@@ -867,18 +913,18 @@ def depthwise_backward_weight(dy, x, w_shape, *, stride=1, padding="valid"):
     sh, sw = normalize_window((KH, KW), stride, padding)[1]
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x)
-    return _weight_gradient(dy, x, w_shape, g, sh, sw)
+    return _weight_gradient(dy, x, w_shape, g, sh, sw, _NO_IN_PASS[dy.dtype.type])
 
 
-def _weight_gradient(dy, x, w_shape, g, sh, sw):
-    """:func:`depthwise_backward_weight` on validated arguments; g, sh, sw the geometry and strides."""
+def _weight_gradient(dy, x, w_shape, g, sh, sw, in_pass):
+    """:func:`depthwise_backward_weight` on validated arguments; g, sh, sw the geometry and strides; in_pass the
+    forward's input pass (:func:`_in_pass_args`), non-empty only where the blocked kernel applies it."""
     N = x.shape[0]
     KH, KW, C, M = w_shape
     blocked = _use_weight3x3(KH, KW, sh, sw, x.shape[2], g.ow)
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C * M, dy.dtype, blocked=blocked)
     if blocked:
-        _weight3x3(partial, np.ascontiguousarray(dy), _expand(x, M), sh, g.pt, g.pl, *_NO_PASS[dy.dtype.type],
-                   work=_work(dy))
+        _weight3x3(partial, np.ascontiguousarray(dy), _expand(x, M), sh, g.pt, g.pl, *in_pass, work=_work(dy))
     else:
         _backward_weight(partial, np.ascontiguousarray(dy), _expand(x, M), sh, sw, g.pt, g.pl, per_column,
                          work=_work(dy))

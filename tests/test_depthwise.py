@@ -151,7 +151,7 @@ def test_3x3_stride1_kernel_over_geometry(N, H, W, C, padding, blocks, seed):
     for nblk in (1, blocks):
         y = np.empty((N, g.oh, g.ow, C))
         depthwise._forward3x3.serial(y, x, depthwise._flat(w), g.pt, g.pl, nblk,
-                                     *depthwise._NO_PASS[np.float64], *depthwise._NO_PASS[np.float64])
+                                     *depthwise._NO_PASS[np.float64], *depthwise._NO_IN_PASS[np.float64])
         runs.append(y)
     assert_close(runs[0], want, rtol=1e-12, name="y")
     np.testing.assert_array_equal(runs[0], runs[1])
@@ -259,7 +259,7 @@ def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, stride, padding, 
     x, w = rng.standard_normal((N, H, W, C)), rng.standard_normal((3, 3, C, 1))
     dy = rng.standard_normal((N, g.oh, g.ow, C))
     kw = dict(stride=stride, padding=padding)
-    no_pass = depthwise._NO_PASS[np.float64]
+    no_pass = depthwise._NO_IN_PASS[np.float64]
     partial, per_column = depthwise._weight_partials(N * g.oh, 3, 3, g.ow, C, dy.dtype, blocked=True)
     assert per_column
     depthwise._weight3x3.serial(partial, dy, x, stride, g.pt, g.pl, *no_pass)
@@ -426,3 +426,57 @@ def test_input_pass_is_bitwise_bias_act_then_the_forward(case, act, in_act, with
     free = input_pass_is_free((case["KH"], case["KW"]), case["stride"], case["padding"], x.shape[1:], M)
     assert free == ((case["KH"], case["KW"]) == (3, 3) and kw["stride"] in (1, (1, 1), 2, (2, 2)) and M == 1
                     and got.shape[2] >= 4)
+
+
+@given(N=st.integers(1, 3), H=st.integers(1, 18), W=st.integers(1, 18), C=st.integers(1, 12),
+       K=st.sampled_from([3, 3, 3, 2]), stride=st.sampled_from([1, 2]), M=st.sampled_from([1, 1, 2]),
+       padding=st.sampled_from(["same", "valid", 1, (2, 0)]), in_act=st.sampled_from([None, "relu", "relu6"]),
+       given_vectors=st.sampled_from(["all", "center", "scale"]), fused=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**16))
+def test_batchnorm_input_pass_is_bitwise_scale_act_then_the_conv(N, H, W, C, K, stride, M, padding, in_act,
+                                                                   given_vectors, fused, dtype, seed):
+    """in_center / in_scale / in_bias / in_act (a training batch norm applied from its statistics, deferred to
+    this conv) give the bits of scale_act_forward on x and then the conv, forward and both gradients, on every path:
+    in the row copies of the 3x3 kernels (and of the blocked weight gradient, fused with the input gradient or
+    not), a pass of its own elsewhere."""
+    from kernels import _jit
+    from kernels.batchnorm import scale_act_forward
+    from kernels.geometry import conv_geometry
+    try:
+        conv_geometry(H, W, (K, K), stride, padding)
+    except ValueError:
+        assume(False)
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal((N, H, W, C)) + 1).astype(dtype)
+    w = rng.standard_normal((K, K, C, M)).astype(dtype)
+    center = rng.standard_normal(C).astype(dtype) if given_vectors in ("all", "center") else None
+    scale = rng.standard_normal(C).astype(dtype) if given_vectors in ("all", "scale") else None
+    bias = rng.standard_normal(C).astype(dtype) if given_vectors == "all" else None
+    kw = dict(stride=stride, padding=padding)
+    pass_kw = dict(in_center=center, in_scale=scale, in_bias=bias, in_act=in_act)
+    xin = scale_act_forward(x, np.zeros(C, dtype) if center is None else center,
+                            np.ones(C, dtype) if scale is None else scale,
+                            np.zeros(C, dtype) if bias is None else bias, act=in_act)
+    y = depthwise_forward(x, w, **pass_kw, **kw)
+    np.testing.assert_array_equal(y, depthwise_forward(xin, w, **kw))
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    previous = _jit.PARALLEL_MIN_WORK
+    _jit.PARALLEL_MIN_WORK = 0 if fused else previous  # small maps take the fused stride-1 kernel too
+    try:
+        dx, dw = depthwise_backward(dy, x, w, **pass_kw, **kw)
+        want_dx, want_dw = depthwise_backward(dy, xin, w, **kw)
+    finally:
+        _jit.PARALLEL_MIN_WORK = previous
+    np.testing.assert_array_equal(dx, want_dx)
+    np.testing.assert_array_equal(dw, want_dw)
+
+
+def test_input_pass_rejects_bad_vectors():
+    x, w = np.ones((1, 5, 5, 2), np.float32), np.ones((3, 3, 2, 1), np.float32)
+    for kw, err, match in ((dict(in_center=np.zeros(3, np.float32)), ValueError, r"in_center must have shape \(2,\)"),
+                           (dict(in_scale=np.ones(2)), TypeError, "in_scale must have x's dtype"),
+                           (dict(in_scale=np.ones((2, 1), np.float32)), ValueError, "in_scale")):
+        with pytest.raises(err, match=match):
+            depthwise_forward(x, w, padding="same", **kw)
+        with pytest.raises(err, match=match):
+            depthwise_backward(x, x, w, padding="same", **kw)
