@@ -145,3 +145,48 @@ def test_vgg16_layers_and_names():
     assert names[:3] == ["block1_conv1", "block1_conv1_relu", "block1_conv2"]
     assert names[-1] == "predictions" and "block5_pool" in names and "fc2" in names
     assert vgg.output_shape() == (10,)
+
+
+@pytest.mark.parametrize("dtype, activation, res", [(np.float32, "relu", 32), (np.float64, "relu6", 40)])
+def test_deferred_batchnorm_trains_bit_for_bit_as_written(dtype, activation, res):
+    """A training batch norm that hands its normalization to the depthwise conv after it (which applies it as it
+    copies rows, forward and weight gradient alike) gives the same logits, gradients, parameters and running
+    statistics, bit for bit, as one that writes its output; and it does defer where the conv copies rows."""
+    from tinyconv import SoftmaxCrossEntropy
+    from tinyconv.layers import BatchNormAct
+    from tinyconv.optim import SGD
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, res, res, 1)).astype(dtype)
+    labels = rng.integers(0, 10, 6)
+    runs, deferred = {}, []
+    original = BatchNormAct.forward_deferred
+    for defer in (True, False):
+        model = models.mobilenet_v1(alpha=0.25, resolution=res, classes=10, in_channels=1, dropout=0.0, seed=3,
+                                    dtype=dtype, activation=activation).train()
+        model.defer_batchnorm = defer
+        opt = SGD(model.named_parameters(), lr=0.05, momentum=0.9)
+        loss, logits = SoftmaxCrossEntropy(), []
+        BatchNormAct.forward_deferred = lambda self, v: deferred.append(self.name) or original(self, v)
+        try:
+            for _ in range(3):
+                model.zero_grad()
+                logits.append(model.forward(x))
+                loss.forward(logits[-1], labels)
+                model.backward(loss.backward())
+                opt.step()
+        finally:
+            BatchNormAct.forward_deferred = original
+        runs[defer] = (logits, {n: g.copy() for n, _, g in model.named_parameters()},
+                       {n: p.copy() for n, p, _ in model.named_parameters()}, dict(model.named_buffers()))
+        if defer:
+            # every batch norm whose depthwise conv has rows of >= 4 columns (16x16 down to 4x4 at res 32)
+            assert {"conv1_bn", "conv_pw_1_bn", "conv_pw_2_bn", "conv_pw_3_bn", "conv_pw_4_bn"} <= set(deferred)
+            assert "conv_pw_13_bn" not in deferred  # feeds the pooling, not a depthwise conv
+            assert "conv_pw_11_bn" not in deferred  # its depthwise conv has 2x2 (res 40: 3x3) maps
+        else:
+            assert len(deferred) == 3 * len(set(deferred)), "nothing may defer with defer_batchnorm off"
+    for a, b in zip(runs[True][0], runs[False][0]):
+        np.testing.assert_array_equal(a, b)
+    for part in (1, 2, 3):
+        for name, value in runs[True][part].items():
+            np.testing.assert_array_equal(value, runs[False][part][name], err_msg=name)

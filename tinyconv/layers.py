@@ -171,18 +171,29 @@ class DepthwiseConv2D(_Conv):
         kh, kw = self.kernel_size
         return f"Conv DW {kh}x{kw}"
 
-    def forward(self, x, training=False):
+    def forward(self, x, training=False, in_pass=None):
+        """y = depthwise(x); with ``in_pass`` (keyword arguments ``in_center``, ``in_scale``, ``in_bias``,
+        ``in_act`` of :func:`kernels.depthwise.depthwise_forward`, from :meth:`BatchNormAct.forward_deferred`) x is
+        the previous batch norm's input, normalized as the kernel copies its rows."""
         self._check_input(x, 4, self.in_channels)
-        y = dw_k.depthwise_forward(x, self.params["depthwise_kernel"], stride=self.stride, padding=self.padding)
+        in_pass = in_pass or {}
+        y = dw_k.depthwise_forward(x, self.params["depthwise_kernel"], stride=self.stride, padding=self.padding,
+                                   **in_pass)
         if "bias" in self.params:
             y += self.params["bias"]
-        self._cache = x if training else None
+        self._cache = (x, in_pass) if training else None
         return y
 
+    def accepts_input_pass(self, in_shape):
+        """Whether :meth:`forward` applies an input pass while copying rows, at no pass over memory of its own
+        (in_shape (N, H, W, C)): what lets a training batch norm before it skip writing its output."""
+        return self.depth_multiplier == 1 and dw_k.input_pass_is_free(self.kernel_size, self.stride, self.padding,
+                                                                      in_shape[1:])
+
     def backward(self, dy, need_dx=True):
-        x = self._take_cache()
+        x, in_pass = self._take_cache()
         dx, dw = dw_k.depthwise_backward(dy, x, self.params["depthwise_kernel"], stride=self.stride,
-                                         padding=self.padding, need_dx=need_dx)
+                                         padding=self.padding, need_dx=need_dx, **in_pass)
         self.grads["depthwise_kernel"] += dw
         if "bias" in self.params:
             self.grads["bias"] += dy.sum(axis=(0, 1, 2))
@@ -378,6 +389,24 @@ class BatchNormAct(Layer):
         self._cache = None
         return bn_k.batchnorm_act_forward_eval(x, p["gamma"], p["beta"], b["moving_mean"], b["moving_variance"],
                                                act=self.act_kind, eps=self.eps)
+
+    def forward_deferred(self, x):
+        """Training forward without the output: the batch statistics (and the running-statistics update) only.
+
+        Returns the input pass that normalizes x, as keyword arguments for the next layer's forward
+        (:meth:`DepthwiseConv2D.forward`), which applies it as it copies x's rows: the same values the output
+        would have held, bit for bit, never written to memory. The backward is the usual one.
+        """
+        if x.ndim not in (2, 4):
+            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
+        self._check_input(x, x.ndim, self.channels)
+        p, b = self.params, self.buffers
+        mean, inv_std = bn_k.batchnorm_stats_train(x, b["moving_mean"], b["moving_variance"], momentum=self.momentum,
+                                                   eps=self.eps)
+        self._cache = (x, mean, inv_std)
+        # gamma * inv_std exactly as batchnorm_act_forward_train computes it; beta copied, so that the next layer's
+        # backward applies the forward's pass even if the parameter changes in between, as a written output would
+        return dict(in_center=mean, in_scale=p["gamma"] * inv_std, in_bias=p["beta"].copy(), in_act=self.act_kind)
 
     def backward(self, dy, need_dx=True):
         x, mean, inv_std = self._take_cache()

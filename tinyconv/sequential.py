@@ -22,6 +22,11 @@ class Sequential:
 
     Hooks: ``add_hook(fn)`` registers ``fn(phase, layer, event)`` called with phase 'forward' or 'backward' and
     event 'start' or 'end' around each layer; the benchmark's per-layer profile uses it, layers know nothing of it.
+
+    In training, a layer with ``forward_deferred`` (:class:`BatchNormAct`) followed by one whose
+    ``accepts_input_pass`` holds for the activation (a 3x3 depthwise conv that copies its input rows anyway) hands
+    its normalization to that layer instead of writing its output (``defer_batchnorm``, default True): the same
+    values bit for bit, one pass over memory and one stored activation fewer per such pair.
     """
 
     def __init__(self, layers, *, input_shape=None, name="model"):
@@ -39,6 +44,7 @@ class Sequential:
         self.name = name
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.training = False
+        self.defer_batchnorm = True
         self._hooks = []
         if self.input_shape is not None:
             self.output_shape(self.input_shape)  # fail at construction on impossible geometry
@@ -68,13 +74,21 @@ class Sequential:
         training = self.training if training is None else training
         self._check_input(x)
         hooks = self._hooks
-        for layer in self.layers:
+        layers = self.layers
+        defer = training and self.defer_batchnorm
+        in_pass = None  # a batch norm's deferred output pass, for the layer after it
+        for i, layer in enumerate(layers):
             if hooks:
                 self._run_hooks("forward", layer, "start")
-                x = layer.forward(x, training)
-                self._run_hooks("forward", layer, "end")
+            if in_pass is not None:
+                x = layer.forward(x, training, in_pass=in_pass)
+                in_pass = None
+            elif defer and i + 1 < len(layers) and _defers(layer, layers[i + 1], x):
+                in_pass = layer.forward_deferred(x)  # x stays the batch norm's input
             else:
                 x = layer.forward(x, training)
+            if hooks:
+                self._run_hooks("forward", layer, "end")
         return x
 
     __call__ = forward
@@ -206,3 +220,8 @@ class Sequential:
     def __repr__(self):
         return f"Sequential(name={self.name!r}, layers={len(self.layers)}, params={self.param_count():,})"
 
+
+def _defers(layer, after, x):
+    """Whether ``layer`` hands its output pass on x to ``after`` (see :class:`Sequential`)."""
+    return (hasattr(layer, "forward_deferred") and hasattr(after, "accepts_input_pass") and x.ndim == 4
+            and after.accepts_input_pass(x.shape))
