@@ -643,6 +643,8 @@ def _public_kernel_calls():
         ("batchnorm_act_forward_eval", lambda: bn.batchnorm_act_forward_eval(x, c, c, c, c)),
         ("batchnorm_act_backward", lambda: bn.batchnorm_act_backward(x, x, act_mean, act_inv_std, c, c)),
         ("bias_act_forward", lambda: [bn.bias_act_forward(x, c), bn.bias_act_forward(xb, c, out=xb)]),
+        ("batchnorm_stats_train", lambda: bn.batchnorm_stats_train(x, c.copy(), c.copy())),
+        ("scale_act_forward", lambda: bn.scale_act_forward(x, c, c, c, act="relu")),
         ("sgd_update", lambda: op.sgd_update(wp.copy(), wp, np.zeros_like(wp), lr=0.1, momentum=0.9,
                                              weight_decay=0.0, nesterov=True)),
         ("relu_forward", lambda: a.relu_forward(x)),
