@@ -4,7 +4,6 @@
 ``python -m tinyconv.evaluate CHECKPOINT`` rebuilds the checkpoint's model and data pipeline and reports on the
 test split (or ``--split val``/``train``).
 """
-import argparse
 import sys
 import time
 from dataclasses import dataclass

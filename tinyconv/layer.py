@@ -130,5 +130,13 @@ class Layer:
                 f"layer '{self.name}': input dtype {x.dtype} differs from the parameters' {dtype}; "
                 f"cast the input or call model.astype({x.dtype.name!r})")
 
+    def _check_maps_or_rows(self, x, channels=None):
+        """:meth:`_check_input` for layers that take either (N, H, W, C) maps or (N, C) rows (batch norm, the
+        activations)."""
+        ndim = x.ndim if isinstance(x, np.ndarray) else 4  # not an array: _check_input says so
+        if ndim not in (2, 4):
+            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
+        self._check_input(x, ndim, channels)
+
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r})"

@@ -265,9 +265,7 @@ class BatchNorm(Layer):
         self.buffers["moving_variance"] = np.ones(channels, dtype)
 
     def forward(self, x, training=False):
-        if x.ndim not in (2, 4):
-            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
-        self._check_input(x, x.ndim, self.channels)
+        self._check_maps_or_rows(x, self.channels)
         p, b = self.params, self.buffers
         if training:
             y, x_hat, inv_std = bn_k.batchnorm_forward_train(
@@ -302,9 +300,7 @@ class _Activation(Layer):
     _backward = None
 
     def forward(self, x, training=False):
-        if x.ndim not in (2, 4):
-            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
-        self._check_input(x, x.ndim)
+        self._check_maps_or_rows(x)
         y = type(self)._forward(x)
         self._cache = y if training else None
         return y
@@ -376,9 +372,7 @@ class BatchNormAct(Layer):
         return (self.bn, self.act)
 
     def forward(self, x, training=False):
-        if x.ndim not in (2, 4):
-            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
-        self._check_input(x, x.ndim, self.channels)
+        self._check_maps_or_rows(x, self.channels)
         p, b = self.params, self.buffers
         if training:
             y, mean, inv_std = bn_k.batchnorm_act_forward_train(
@@ -397,9 +391,7 @@ class BatchNormAct(Layer):
         (:meth:`DepthwiseConv2D.forward`), which applies it as it copies x's rows: the same values the output
         would have held, bit for bit, never written to memory. The backward is the usual one.
         """
-        if x.ndim not in (2, 4):
-            raise ValueError(f"layer '{self.name}': input must be (N, H, W, C) or (N, C), got shape {x.shape}")
-        self._check_input(x, x.ndim, self.channels)
+        self._check_maps_or_rows(x, self.channels)
         p, b = self.params, self.buffers
         mean, inv_std = bn_k.batchnorm_stats_train(x, b["moving_mean"], b["moving_variance"], momentum=self.momentum,
                                                    eps=self.eps)

@@ -6,7 +6,6 @@ images (zero-pad or resize to the input resolution) and prints the top-k classes
 Fashion-MNIST items are light on black, centred; photos of dark objects on a white background need inverting
 (``--invert``) to look like the training data.
 """
-import argparse
 import sys
 
 import numpy as np
