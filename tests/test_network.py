@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import tinyconv.sequential as sequential
 from gradcheck import check_directional, check_grad
 from tinyconv import (BatchNorm, Conv2D, DepthwiseConv2D, Dropout, Flatten, GlobalAvgPool2D, Linear, MaxPool2D,
                       PointwiseConv2D, ReLU, ReLU6, Sequential, SoftmaxCrossEntropy, StateError)
@@ -35,10 +36,15 @@ def loss_and_grads(model, x, labels, loss):
     return value, dx
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["data-parallel", "split-cores"])
 @pytest.mark.parametrize("act,pool", [(ReLU, "global"), (ReLU6, "max")])
-def test_whole_network_gradient_float64(act, pool):
+def test_whole_network_gradient_float64(act, pool, split, monkeypatch):
+    """Both backward passes: kernels on every thread, or weight gradients on a worker thread (forced here
+    whatever the machine's thread count)."""
+    monkeypatch.setattr(sequential, "can_split", lambda: True)
     rng = np.random.default_rng(1)
     model = small_net(dtype=np.float64, act=act, pool=pool)
+    model.split_backward = split
     for layer in model.layers:  # non-trivial BN affine parameters and bias so their gradients are exercised
         for k, p in layer.params.items():
             if k in ("gamma", "beta", "bias"):

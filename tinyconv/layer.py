@@ -46,6 +46,14 @@ class Layer:
         """Accumulate parameter gradients for upstream gradient ``dy``; return dx (None if not ``need_dx``)."""
         raise NotImplementedError
 
+    def backward_split(self, dy):
+        """The backward pass in two parts: returns ``(dx, job)``, where ``job()`` (or None) accumulates the
+        parameter gradients that computing dx does not need. The job reads only ``dy`` and the forward's cache and
+        writes only ``grads``, so it may run on another thread while the caller goes on with dx
+        (:meth:`tinyconv.sequential.Sequential.backward`). By default everything is done here and there is no job.
+        """
+        return self.backward(dy, True), None
+
     def __call__(self, x, training=False):
         return self.forward(x, training)
 

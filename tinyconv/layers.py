@@ -132,14 +132,22 @@ class Conv2D(_Conv):
 
     def backward(self, dy, need_dx=True):
         x, cols = self._take_cache()
-        w = self.params["kernel"]
-        self.grads["kernel"] += conv_k.conv2d_backward_weight(dy, x, w.shape, stride=self.stride,
+        self._param_grads(dy, x, cols)
+        return self._input_grad(dy, x) if need_dx else None
+
+    def backward_split(self, dy):
+        x, cols = self._take_cache()
+        return self._input_grad(dy, x), lambda: self._param_grads(dy, x, cols)
+
+    def _input_grad(self, dy, x):
+        return conv_k.conv2d_backward_input(dy, self.params["kernel"], x.shape, stride=self.stride,
+                                            padding=self.padding)
+
+    def _param_grads(self, dy, x, cols):
+        self.grads["kernel"] += conv_k.conv2d_backward_weight(dy, x, self.params["kernel"].shape, stride=self.stride,
                                                               padding=self.padding, cols=cols)
         if "bias" in self.params:
             self.grads["bias"] += conv_k.conv2d_backward_bias(dy)
-        if not need_dx:
-            return None
-        return conv_k.conv2d_backward_input(dy, w, x.shape, stride=self.stride, padding=self.padding)
 
     @property
     def _macs_per_output(self):
@@ -194,10 +202,26 @@ class DepthwiseConv2D(_Conv):
         x, in_pass = self._take_cache()
         dx, dw = dw_k.depthwise_backward(dy, x, self.params["depthwise_kernel"], stride=self.stride,
                                          padding=self.padding, need_dx=need_dx, **in_pass)
+        self._add_grads(dy, dw)
+        return dx
+
+    def backward_split(self, dy):
+        """The input gradient here, the weight gradient in the job: two passes over dy where :meth:`backward` may
+        fuse them into one, which pays where the two run on different cores."""
+        x, in_pass = self._take_cache()
+        w = self.params["depthwise_kernel"]
+        dx = dw_k.depthwise_backward_input(dy, w, x.shape, stride=self.stride, padding=self.padding)
+
+        def job():
+            _, dw = dw_k.depthwise_backward(dy, x, w, stride=self.stride, padding=self.padding, need_dx=False,
+                                            **in_pass)
+            self._add_grads(dy, dw)
+        return dx, job
+
+    def _add_grads(self, dy, dw):
         self.grads["depthwise_kernel"] += dw
         if "bias" in self.params:
             self.grads["bias"] += dy.sum(axis=(0, 1, 2))
-        return dx
 
     @property
     def _macs_per_output(self):
@@ -226,13 +250,17 @@ class PointwiseConv2D(_Conv):
 
     def backward(self, dy, need_dx=True):
         x = self._take_cache()
-        w = self.params["kernel"]
+        self._param_grads(dy, x)
+        return pw_k.pointwise_backward_input(dy, self.params["kernel"]) if need_dx else None
+
+    def backward_split(self, dy):
+        x = self._take_cache()
+        return pw_k.pointwise_backward_input(dy, self.params["kernel"]), lambda: self._param_grads(dy, x)
+
+    def _param_grads(self, dy, x):
         self.grads["kernel"] += pw_k.pointwise_backward_weight(dy, x)
         if "bias" in self.params:
             self.grads["bias"] += pw_k.pointwise_backward_bias(dy)
-        if not need_dx:
-            return None
-        return pw_k.pointwise_backward_input(dy, w)
 
     @property
     def _macs_per_output(self):
@@ -564,10 +592,17 @@ class Linear(Layer):
 
     def backward(self, dy, need_dx=True):
         x = self._take_cache()
+        self._param_grads(dy, x)
+        return lin_k.linear_backward_input(dy, self.params["kernel"]) if need_dx else None
+
+    def backward_split(self, dy):
+        x = self._take_cache()
+        return lin_k.linear_backward_input(dy, self.params["kernel"]), lambda: self._param_grads(dy, x)
+
+    def _param_grads(self, dy, x):
         self.grads["kernel"] += lin_k.linear_backward_weight(dy, x)
         if "bias" in self.params:
             self.grads["bias"] += lin_k.linear_backward_bias(dy)
-        return lin_k.linear_backward_input(dy, self.params["kernel"]) if need_dx else None
 
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.in_features,):

@@ -5,6 +5,16 @@ from kernels._check import check_finite
 from tinyconv.io import atomic_write, copy_state
 from tinyconv.layer import Layer
 from tinyconv.summary import summary as _summary
+from tinyconv.threads import CoreSplit, can_split
+
+# The largest activation (elements, the batch included) of a training forward after which the backward pass splits
+# the cores (see Sequential). Measured on the 2-core machine, training steps in-process alternating split and
+# data-parallel backward passes, largest activation in brackets: Fashion-MNIST workload batch 32 1.03x (2^18),
+# batch 128 1.09-1.15x (2^20), batch 256 1.16x (2^21), batch 512 1.09x (2^22); MobileNet 0.5 res 128 batch 8
+# 1.11x (2^20), batch 16 1.07x (2^21), batch 32 0.95-1.00x (2^22); MobileNet 1.0 res 128 batch 32 0.96x (2^23).
+# Splitting only the small layers of a large network gained nothing: before its first large layer could run on
+# both cores, the backward had to wait for the weight gradients queued so far.
+SPLIT_MAX_ELEMENTS = 1 << 21
 
 
 class StateError(ValueError):
@@ -27,6 +37,15 @@ class Sequential:
     ``accepts_input_pass`` holds for the activation (a 3x3 depthwise conv that copies its input rows anyway) hands
     its normalization to that layer instead of writing its output (``defer_batchnorm``, default True): the same
     values bit for bit, one pass over memory and one stored activation fewer per such pair.
+
+    On two threads, after a training forward whose activations all have at most :data:`SPLIT_MAX_ELEMENTS` values,
+    the backward pass splits the cores instead of every kernel (``split_backward``, default True): this thread
+    computes the input gradients on one core and a worker thread the parameter gradients on the other
+    (:meth:`Layer.backward_split`, :class:`tinyconv.threads.CoreSplit`). Nothing on the chain of input gradients
+    waits for a weight gradient, so those come off the critical path; on small maps one kernel gains little from
+    the second core. ``backward`` returns once every gradient is in place, with the same values (only the order of
+    some float additions can differ, as between thread counts). Hooks see each layer's whole backward, so with
+    hooks registered the pass is not split.
     """
 
     def __init__(self, layers, *, input_shape=None, name="model"):
@@ -45,6 +64,8 @@ class Sequential:
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.training = False
         self.defer_batchnorm = True
+        self.split_backward = True
+        self._largest = 0  # elements of the largest activation of the last training forward
         self._hooks = []
         if self.input_shape is not None:
             self.output_shape(self.input_shape)  # fail at construction on impossible geometry
@@ -77,6 +98,7 @@ class Sequential:
         layers = self.layers
         defer = training and self.defer_batchnorm
         in_pass = None  # a batch norm's deferred output pass, for the layer after it
+        largest = x.size
         for i, layer in enumerate(layers):
             if hooks:
                 self._run_hooks("forward", layer, "start")
@@ -87,8 +109,11 @@ class Sequential:
                 in_pass = layer.forward_deferred(x)  # x stays the batch norm's input
             else:
                 x = layer.forward(x, training)
+            largest = max(largest, x.size)
             if hooks:
                 self._run_hooks("forward", layer, "end")
+        if training:
+            self._largest = largest
         return x
 
     __call__ = forward
@@ -101,6 +126,8 @@ class Sequential:
             computing it).
         """
         hooks = self._hooks
+        if self.split_backward and not hooks and self._largest <= SPLIT_MAX_ELEMENTS and can_split():
+            return self._backward_split(dy, need_dx)
         last = len(self.layers) - 1
         for i in range(last, -1, -1):
             layer = self.layers[i]
@@ -111,6 +138,21 @@ class Sequential:
                 self._run_hooks("backward", layer, "end")
             else:
                 dy = layer.backward(dy, want)
+        return dy
+
+    def _backward_split(self, dy, need_dx):
+        """:meth:`backward` with the parameter gradients on the worker thread (see the class)."""
+        with CoreSplit() as cores:
+            cores.split()
+            for i in range(len(self.layers) - 1, -1, -1):
+                layer = self.layers[i]
+                if i == 0 and not need_dx:
+                    layer.backward(dy, False)  # the first layer: its parameter gradients are all that is left
+                    dy = None
+                else:
+                    dy, job = layer.backward_split(dy)
+                    if job is not None:
+                        cores.submit(job)
         return dy
 
     def _check_input(self, x):

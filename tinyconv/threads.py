@@ -3,13 +3,23 @@
 They never nest: no kernel calls BLAS inside a parallel region, and GEMMs are called from Python between kernels.
 So both pools can use every core in turn; what must not happen is each pool sizing itself to the machine on top of
 a caller that is already parallel (oversubscription halves speed on two cores). ``set_threads`` sets both.
+
+On two threads there is a second way to use the two cores, for a backward pass on small maps (:class:`CoreSplit`):
+each pool drops to one thread, and the weight gradients, which nothing in the backward pass waits for, run on a
+worker thread beside the chain of input gradients. Two kernels then run at once, one per core, instead of one
+kernel split across both, which on maps this small gains little over one core (a launch costs as much as the
+second core saves).
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 _blas_limiter = None
+_blas_controllers = None
+_worker = None
+_worker_pid = None
 
 
 def set_threads(n=None):
@@ -55,3 +65,90 @@ def blas_override_note(environ=None, cpuinfo="/proc/cpuinfo"):
     return (f"note: OPENBLAS_CORETYPE={forced} makes NumPy's BLAS run {forced} kernels on this AVX-512 CPU; "
             f"run with it unset (env -u OPENBLAS_CORETYPE ...) for faster 1x1 convolutions")
 
+
+
+def _blas():
+    """threadpoolctl's controllers of the loaded BLAS libraries (found once: the search reads the process's maps)."""
+    global _blas_controllers
+    if _blas_controllers is None:
+        _blas_controllers = ThreadpoolController().select(user_api="blas").lib_controllers
+    return _blas_controllers
+
+
+def can_split():
+    """Whether :class:`CoreSplit` applies here: this thread runs Numba on exactly two threads, and threadpoolctl
+    can set the BLAS library's thread count (with more cores, each engine keeps them all: one worker would leave
+    most of them idle)."""
+    return numba.get_num_threads() == 2 and bool(_blas())
+
+
+def _grad_worker():
+    """The one worker thread (created on first use, again in a forked child, where the parent's thread is gone);
+    Numba runs on one thread inside it."""
+    global _worker, _worker_pid
+    if _worker is None or _worker_pid != os.getpid():
+        _worker = ThreadPoolExecutor(1, thread_name_prefix="tinyconv-grads", initializer=numba.set_num_threads,
+                                     initargs=(1,))
+        _worker_pid = os.getpid()
+    return _worker
+
+
+class CoreSplit:
+    """A context in which the calling thread and one worker thread each compute on one core.
+
+    ``split()`` puts Numba (in this thread) and BLAS (process-wide) on one thread, so that this thread and the
+    worker, which runs Numba on one thread too, never share a core; ``submit(fn)`` queues ``fn()`` on the worker;
+    ``join()`` waits for everything queued and restores the thread counts, so what runs next has both cores again.
+    Leaving the context joins. A job's exception is raised by the ``join()`` that waits for it, after every job has
+    finished, so that no job still runs once the context is left; an exception already leaving the context wins.
+
+    Jobs must not write anything the calling thread reads or writes before the join, and the caller must not
+    write what a queued job reads.
+    """
+
+    def __init__(self):
+        self._saved = None  # (Numba threads, BLAS threads per library) while split
+        self._futures = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if kind is None:
+            self.join()
+        else:
+            self._wait()
+            self._restore()
+        return False
+
+    def split(self):
+        """One thread for Numba here and for BLAS; idempotent."""
+        if self._saved is None:
+            blas = _blas()
+            self._saved = (numba.get_num_threads(), [c.num_threads for c in blas])
+            numba.set_num_threads(1)
+            for c in blas:
+                c.set_num_threads(1)
+
+    def submit(self, fn):
+        """Queue ``fn()`` on the worker thread."""
+        self._futures.append(_grad_worker().submit(fn))
+
+    def join(self):
+        """Wait for every queued job, restore the thread counts, then raise the first job's exception if any."""
+        errors = self._wait()
+        self._restore()
+        if errors:
+            raise errors[0]
+
+    def _wait(self):
+        futures, self._futures = self._futures, []
+        return [e for e in (f.exception() for f in futures) if e is not None]
+
+    def _restore(self):
+        if self._saved is not None:
+            threads, blas_threads = self._saved
+            self._saved = None
+            numba.set_num_threads(threads)
+            for c, n in zip(_blas(), blas_threads):
+                c.set_num_threads(n)
