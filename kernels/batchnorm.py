@@ -23,7 +23,8 @@ import numba
 import numpy as np
 
 from kernels._check import check_float_array, check_same_dtype
-from kernels._jit import kernel, sized_kernel, use_parallel
+from kernels import _jit
+from kernels._jit import kernel, sized_kernel
 
 ACTIVATIONS = {None: (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}
 """Activation fused after batch norm -> the (lo, hi) it clips to; the gradient passes where lo < v < hi."""
@@ -325,8 +326,11 @@ def _backward_dx_kernel(dx, dy, x, mean, k, beta, lo, hi, shift, slope, n_chunks
 
 
 def _n_chunks(m, work):
-    """Chunks for the per-thread reductions: one per thread when the work runs parallel (never more than rows)."""
-    return max(1, min(m, numba.get_num_threads())) if use_parallel(work) else 1
+    """Chunks for the per-thread reductions (never more than rows): for work large enough to run in parallel, one
+    per thread Numba may start (``NUMBA_NUM_THREADS``), whatever the calling thread uses now; else one. So a
+    reduction run serially (with ``set_threads(1)``, or on one core in the split backward pass of
+    ``tinyconv.sequential``) sums in the same chunks, and gives the same bits, as one run in parallel."""
+    return max(1, min(m, numba.config.NUMBA_NUM_THREADS)) if work >= _jit.PARALLEL_MIN_WORK else 1
 
 
 def _check_x(name, x):
