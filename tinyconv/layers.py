@@ -228,7 +228,27 @@ class DepthwiseConv2D(_Conv):
         return self.kernel_size[0] * self.kernel_size[1]
 
 
-class PointwiseConv2D(_Conv):
+class _ProductBackward:
+    """The backward pass of a layer whose forward caches x and computes y = x @ kernel (+ bias) over rows: a 1x1
+    conv or a dense layer. Subclasses name their three gradient kernels (``_backward_input(dy, w)``,
+    ``_backward_weight(dy, x)``, ``_backward_bias(dy)``)."""
+
+    def backward(self, dy, need_dx=True):
+        x = self._take_cache()
+        self._param_grads(dy, x)
+        return self._backward_input(dy, self.params["kernel"]) if need_dx else None
+
+    def backward_split(self, dy):
+        x = self._take_cache()
+        return self._backward_input(dy, self.params["kernel"]), lambda: self._param_grads(dy, x)
+
+    def _param_grads(self, dy, x):
+        self.grads["kernel"] += self._backward_weight(dy, x)
+        if "bias" in self.params:
+            self.grads["bias"] += self._backward_bias(dy)
+
+
+class PointwiseConv2D(_ProductBackward, _Conv):
     """1x1 convolution as one GEMM: ``kernel`` (C, K), optional ``bias`` (K,)."""
 
     kind = "pointwise"
@@ -248,19 +268,9 @@ class PointwiseConv2D(_Conv):
         self._cache = x if training else None
         return y
 
-    def backward(self, dy, need_dx=True):
-        x = self._take_cache()
-        self._param_grads(dy, x)
-        return pw_k.pointwise_backward_input(dy, self.params["kernel"]) if need_dx else None
-
-    def backward_split(self, dy):
-        x = self._take_cache()
-        return pw_k.pointwise_backward_input(dy, self.params["kernel"]), lambda: self._param_grads(dy, x)
-
-    def _param_grads(self, dy, x):
-        self.grads["kernel"] += pw_k.pointwise_backward_weight(dy, x)
-        if "bias" in self.params:
-            self.grads["bias"] += pw_k.pointwise_backward_bias(dy)
+    _backward_input = staticmethod(pw_k.pointwise_backward_input)
+    _backward_weight = staticmethod(pw_k.pointwise_backward_weight)
+    _backward_bias = staticmethod(pw_k.pointwise_backward_bias)
 
     @property
     def _macs_per_output(self):
@@ -569,7 +579,7 @@ class Flatten(Layer):
         return (math.prod(input_shape),)
 
 
-class Linear(Layer):
+class Linear(_ProductBackward, Layer):
     """Fully connected layer: y = x @ kernel + bias, ``kernel`` (C, K) as Keras's Dense."""
 
     kind = "linear"
@@ -590,19 +600,9 @@ class Linear(Layer):
         self._cache = x if training else None
         return y
 
-    def backward(self, dy, need_dx=True):
-        x = self._take_cache()
-        self._param_grads(dy, x)
-        return lin_k.linear_backward_input(dy, self.params["kernel"]) if need_dx else None
-
-    def backward_split(self, dy):
-        x = self._take_cache()
-        return lin_k.linear_backward_input(dy, self.params["kernel"]), lambda: self._param_grads(dy, x)
-
-    def _param_grads(self, dy, x):
-        self.grads["kernel"] += lin_k.linear_backward_weight(dy, x)
-        if "bias" in self.params:
-            self.grads["bias"] += lin_k.linear_backward_bias(dy)
+    _backward_input = staticmethod(lin_k.linear_backward_input)
+    _backward_weight = staticmethod(lin_k.linear_backward_weight)
+    _backward_bias = staticmethod(lin_k.linear_backward_bias)
 
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.in_features,):
