@@ -66,7 +66,6 @@ def blas_override_note(environ=None, cpuinfo="/proc/cpuinfo"):
             f"run with it unset (env -u OPENBLAS_CORETYPE ...) for faster 1x1 convolutions")
 
 
-
 def _blas():
     """threadpoolctl's controllers of the loaded BLAS libraries (found once: the search reads the process's maps)."""
     global _blas_controllers
