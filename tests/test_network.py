@@ -282,3 +282,46 @@ def test_saved_state_gets_ordinary_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "m.npz").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_parameters_and_gradients_lie_end_to_end_and_zero_grad_clears_them_all():
+    """Sequential lays every parameter (and every gradient) end to end in one flat array, leaving views in the
+    layers: values unchanged, zero_grad one fill. A gradient array a user swaps in is still zeroed (the layer's
+    own zero_grad then runs); astype lays the new arrays out again."""
+    reference = small_net()
+    model = small_net()
+    for (name, p, g), (_, q, _) in zip(model.named_parameters(), reference.named_parameters()):
+        np.testing.assert_array_equal(p, q, err_msg=name)
+        assert p.base is model._packed.params and g.base is model._packed.grads, name
+    offset = 0
+    for name, p, g in model.named_parameters():
+        assert np.shares_memory(p, model._packed.params[offset:offset + p.size]), name
+        offset += p.size
+    assert offset == model._packed.params.size == model.param_count()
+    model.zero_grad()
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, 3))
+    loss = SoftmaxCrossEntropy()
+    loss_and_grads(model, x, np.array([0, 3]), loss)
+    assert np.abs(model._packed.grads).max() > 0
+    model.zero_grad()
+    assert not model._packed.grads.any()
+    fc = model.layers[-1]
+    fc.grads["kernel"] = np.ones_like(fc.grads["kernel"])  # no longer a view of the flat array
+    model.zero_grad()
+    assert not fc.grads["kernel"].any()
+    model.astype(np.float32)
+    assert model._packed.params.dtype == np.float32
+    assert all(p.base is model._packed.params for _, p, _ in model.named_parameters())
+
+
+def test_a_second_model_over_the_same_layers_leaves_them_with_the_first():
+    """Packing never moves arrays that already are views (another model's): an optimizer built on the first model
+    keeps updating the arrays its layers use."""
+    from tinyconv.optim import SGD
+    first = small_net()
+    opt = SGD(first.named_parameters(), lr=0.1, momentum=0.9)
+    second = Sequential(list(first.layers), input_shape=(8, 8, 3), name="again")
+    assert second._packed is None
+    for (_, p, _), (_, q, _) in zip(first.named_parameters(), second.named_parameters()):
+        assert p is q
+    assert opt._flat is not None and opt._flat[0] is not None

@@ -184,3 +184,72 @@ def test_sgd_kernel_rejects_mismatched_arrays():
     with pytest.raises(ValueError, match="C-contiguous"):
         sgd_update(p, np.zeros((3, 2), np.float32).T, np.zeros_like(p), lr=0.1, momentum=0.9, weight_decay=0.0,
                    nesterov=True)
+
+
+def _packed_and_plain(dtype):
+    """The same small network twice: as Sequential packs it (parameters and gradients end to end), and with every
+    array replaced by a copy of its own, so the optimizer takes one call per array."""
+    from tinyconv import Sequential
+    from tinyconv.layers import BatchNormAct, Conv2D, GlobalAvgPool2D, Linear
+
+    def build():
+        rng = np.random.default_rng(3)
+        return Sequential([Conv2D(2, 4, 3, name="conv", rng=rng, dtype=dtype), BatchNormAct(4, name="bn", dtype=dtype),
+                           GlobalAvgPool2D(name="pool"), Linear(4, 3, name="fc", rng=rng, dtype=dtype)],
+                          input_shape=(5, 5, 2))
+    packed, plain = build(), build()
+    for layer in plain.layers:
+        for k in layer.params:
+            layer.params[k], layer.grads[k] = layer.params[k].copy(), layer.grads[k].copy()
+    return packed, plain
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_sgd_one_call_over_a_packed_model_is_bitwise_one_call_per_array(dtype, nesterov):
+    """A packed model's step is one kernel call over all its parameters, with each array's own weight decay (the
+    kernel and the dense matrix decay, gamma, beta and the bias do not): the same bits as one call per array,
+    parameters and momentum buffers, and the state saves and loads by name either way."""
+    from kernels import optim as optim_k
+    packed, plain = _packed_and_plain(dtype)
+    opts = [SGD(m.named_parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.05)
+            for m in (packed, plain)]
+    assert opts[0]._flat is not None and opts[1]._flat is None
+    # small pieces, so that the decayed and undecayed arrays are cut into several each
+    opts[0]._layout = optim_k.pieces([p.size for _, p, _ in opts[0].params],
+                                     [opts[0]._decay[n] for n, _, _ in opts[0].params], dtype, piece=7)
+    rng = np.random.default_rng(4)
+    for step in range(4):
+        grads = [rng.standard_normal(p.shape) for _, p, _ in opts[0].params]
+        for opt in opts:
+            for (_, _, g), value in zip(opt.params, grads):
+                g[...] = value
+            opt.lr = 0.1 / (step + 1)
+            opt.step()
+    for (name, a, _), (_, b, _) in zip(opts[0].params, opts[1].params):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    state = opts[0].state_dict()
+    for key, value in opts[1].state_dict().items():
+        np.testing.assert_array_equal(state[key], value, err_msg=key)
+    fresh = SGD(packed.named_parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.05)
+    fresh.load_state_dict(opts[1].state_dict())
+    assert fresh._flat is not None and fresh.steps == 4
+    np.testing.assert_array_equal(fresh._flat_state["momentum"], opts[0]._flat_state["momentum"])
+
+
+def test_pieces_cut_each_array_and_carry_its_decay():
+    from kernels.optim import pieces
+    starts, stops, wds = pieces([5, 0, 3], [0.5, 0.25, 0.0], np.float32, piece=2)
+    assert starts.tolist() == [0, 2, 4, 5, 7] and stops.tolist() == [2, 4, 5, 7, 8]
+    assert wds.dtype == np.float32 and wds.tolist() == [0.5, 0.5, 0.5, 0.0, 0.0]
+
+
+def test_sgd_kernel_rejects_a_layout_that_does_not_fit():
+    from kernels.optim import pieces, sgd_update
+    p = np.zeros(6, np.float32)
+    for layout, why in ((pieces([7], [0.0], np.float32), "past the end"),
+                        (pieces([6], [0.0], np.float64), "wrong dtype"),
+                        ((np.array([0]), np.array([6, 6]), np.zeros(1, np.float32)), "mismatched lengths"),
+                        ((np.array([4]), np.array([2]), np.zeros(1, np.float32)), "backwards piece")):
+        with pytest.raises(ValueError, match="layout does not fit"):
+            sgd_update(p, p.copy(), p.copy(), lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=True, layout=layout)

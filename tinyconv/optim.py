@@ -2,7 +2,9 @@
 
 An optimizer holds the model's ``(name, param, grad)`` triples (``Sequential.named_parameters()``) and updates each
 parameter in place with a few vectorized NumPy calls per array, through one shared scratch buffer, so a step
-allocates nothing and costs a handful of microseconds per array. Its state (momentum buffers...) is keyed by
+allocates nothing and costs a handful of microseconds per array. SGD runs one kernel pass per array instead, and
+one pass over the whole model when the parameters and gradients lie end to end in memory (``Sequential`` lays
+them out so); its state buffers are then laid out the same way. Its state (momentum buffers...) is keyed by
 parameter name, so it can be saved in a checkpoint and checked against the model when loaded.
 
 Weight decay: applied to kernels and weight matrices (arrays with ndim >= 2), never to batch-norm gamma/beta or
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.optim import sgd_update
+from kernels.optim import pieces, sgd_update_unchecked
 from tinyconv.io import copy_state
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -73,8 +75,20 @@ class Optimizer:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
         self.steps = 0
-        self.state = {name: {s: np.zeros_like(p) for s in self.slots} for name, p, _ in params}
         self._decay = {name: self.weight_decay if decays(p) else 0.0 for name, p, _ in params}
+        # Parameters and gradients laid end to end (tinyconv.Sequential packs them): the whole model as one array
+        # each, and the state slots laid out the same way, so that a step can be one kernel call.
+        flat_p, flat_g = _end_to_end([p for _, p, _ in params]), _end_to_end([g for _, _, g in params])
+        self._flat = (flat_p, flat_g) if flat_p is not None and flat_g is not None else None
+        if self._flat is not None:
+            self._flat_state = {s: np.zeros_like(flat_p) for s in self.slots}
+            self.state, offset = {}, 0
+            for name, p, _ in params:
+                self.state[name] = {s: flat[offset:offset + p.size].reshape(p.shape)
+                                    for s, flat in self._flat_state.items()}
+                offset += p.size
+        else:
+            self.state = {name: {s: np.zeros_like(p) for s in self.slots} for name, p, _ in params}
         # Two scratch arrays shared by every parameter (sized to the largest, per dtype): steps allocate nothing.
         self._scratch = {}
         for _, p, _ in params:
@@ -122,6 +136,24 @@ class Optimizer:
         return f"{type(self).__name__}({hyper}, params={len(self.params)})"
 
 
+def _end_to_end(arrays):
+    """The 1-D view covering ``arrays`` if they lie end to end, in order, in one array's memory (C-contiguous, one
+    dtype, no gaps), else None."""
+    base = arrays[0].base
+    if base is None or any(a.base is not base or not a.flags.c_contiguous or a.dtype != base.dtype
+                           for a in arrays) or base.ndim != 1 or not base.flags.c_contiguous:
+        return None
+    start = base.__array_interface__["data"][0]
+    item = base.itemsize
+    offset = (arrays[0].__array_interface__["data"][0] - start) // item
+    first = offset
+    for a in arrays:
+        if a.size and a.__array_interface__["data"][0] != start + offset * item:
+            return None
+        offset += a.size
+    return base[first:offset]
+
+
 class SGD(Optimizer):
     """SGD with momentum, optionally Nesterov, exactly as ``torch.optim.SGD`` (dampening 0).
 
@@ -141,12 +173,28 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.nesterov = bool(nesterov)
         super().__init__(params, lr=lr, weight_decay=weight_decay)
+        if self._flat is not None:
+            self._layout = pieces([p.size for _, p, _ in self.params], [self._decay[n] for n, _, _ in self.params],
+                                  self._flat[0].dtype)
+        else:
+            # per array, keyed by the array's id (the optimizer holds every array, so ids stay theirs)
+            self._layouts = {id(p): pieces((p.size,), (self._decay[name],), p.dtype) for name, p, _ in self.params}
+
+    def step(self):
+        if self._flat is None:
+            return super().step()
+        # every parameter in one kernel call, the same arithmetic per value as one call per array
+        self.steps += 1
+        p, g = self._flat
+        sgd_update_unchecked(p, g, self._flat_state["momentum"], self._layout, lr=self.lr, momentum=self.momentum,
+                             nesterov=self.nesterov)
 
     def _update(self, p, g, state, wd, tmp, tmp2):
         buf = state["momentum"]
         if p.flags.c_contiguous and g.flags.c_contiguous:
             # one kernel pass, bitwise the NumPy formula below (tested), ~4x fewer calls per step
-            sgd_update(p, g, buf, lr=self.lr, momentum=self.momentum, weight_decay=wd, nesterov=self.nesterov)
+            sgd_update_unchecked(p, g, buf, self._layouts[id(p)], lr=self.lr, momentum=self.momentum,
+                                 nesterov=self.nesterov)
             return
         mu, lr = self.momentum, self.lr
         np.multiply(p, wd, out=tmp)
