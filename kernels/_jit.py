@@ -96,15 +96,17 @@ def fast_parallel_kernel(fn=None, *, noalias=False):
     return _decorator(FAST_OPTIONS, fn, noalias, parallel=True)
 
 
-def use_parallel(work):
-    """The serial/parallel rule: run ``work`` elements on Numba's threads only if it is worth a launch."""
-    return work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1
+def use_parallel(work, min_work=None):
+    """The serial/parallel rule: run ``work`` elements on Numba's threads only if it is worth a launch, from
+    ``min_work`` elements (default :data:`PARALLEL_MIN_WORK`)."""
+    return work >= (PARALLEL_MIN_WORK if min_work is None else min_work) and numba.get_num_threads() > 1
 
 
 class SizedKernel:
     """A kernel compiled twice, serial and parallel (``prange`` is ``range`` in the serial one).
 
-    Call ``k(*args, work=n)``: :func:`use_parallel` picks the version for ``n`` elements of work.
+    Call ``k(*args, work=n)``: :func:`use_parallel` picks the version for ``n`` elements of work (``min_work=``
+    overrides its threshold for a call site that measured its own).
     """
 
     def __init__(self, fn, options):
@@ -112,8 +114,8 @@ class SizedKernel:
         self.parallel = numba.njit(parallel=True, **options)(fn)
         self.__doc__ = fn.__doc__
 
-    def __call__(self, *args, work):
-        return (self.parallel if use_parallel(work) else self.serial)(*args)
+    def __call__(self, *args, work, min_work=None):
+        return (self.parallel if use_parallel(work, min_work) else self.serial)(*args)
 
 
 def _renamed(fn, suffix):

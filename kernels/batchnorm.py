@@ -398,6 +398,21 @@ def _grouped(x):
     return x.reshape(-1, r * c_size), r  # (M/R, R*C)
 
 
+# The training forward's passes (the statistics, the output pass) run on two threads from this many times the
+# general threshold (_jit.PARALLEL_MIN_WORK, 2^19: from 2^21 values); the statistics are still summed in the chunks
+# of _n_chunks, so the bits do not depend on it. Measured per layer in training steps on the 2-core machine, two
+# threads against one: 0.62-0.84x at 2^19 values (Fashion-MNIST, MobileNet 0.5 res 128), 0.84-0.93x at 2^20,
+# 1.08-1.47x from 2^21 (each pass is one launch, which wakes the
+# sleeping OpenMP worker; the backward's passes, two reads and one write, break even at 2^19). Whole training
+# steps, in-process alternating, against 2^19: Fashion-MNIST 1.006-1.039x (forward 8.5-9.3 against 8.7-10.0 ms),
+# MobileNet 0.5 res 128 0.99-1.04x, 1.0 res 128 0.96-1.00x (level within the noise of this hour).
+TRAIN_FORWARD_PARALLEL_FACTOR = 4
+
+
+def _train_forward_min():
+    return _jit.PARALLEL_MIN_WORK * TRAIN_FORWARD_PARALLEL_FACTOR
+
+
 def _batch_stats(x2, r, running_mean, running_var, momentum, eps):
     """Mean and inv_std (C,) over the values of each channel of x2 (M/R, R*C) (:func:`_grouped`), in x2's dtype;
     updates the running statistics in place."""
@@ -408,7 +423,7 @@ def _batch_stats(x2, r, running_mean, running_var, momentum, eps):
     mean_part = np.empty((n_chunks, width), np.float64)
     m2_part = np.empty((n_chunks, width), np.float64)
     block_rows = min(_MAX_BLOCK_ROWS, max(1, _BLOCK_BYTES // (width * x2.itemsize)))
-    _stats_kernel(count, mean_part, m2_part, x2, block_rows, work=x2.size)
+    _stats_kernel(count, mean_part, m2_part, x2, block_rows, work=x2.size, min_work=_train_forward_min())
     mean = np.empty(c_size, x2.dtype)
     inv_std = np.empty(c_size, x2.dtype)
     # each chunk's R copies of a channel are parts of their own, merged with the chunks (P*R, C)
@@ -544,7 +559,7 @@ def batchnorm_act_forward_train(x, gamma, beta, running_mean, running_var, *, ac
     mean, inv_std = _batch_stats(x2, r, running_mean, running_var, momentum, eps)
     k = gamma * inv_std  # (C,), x's dtype: the backward computes the same product to find the same mask
     _scale_act_kernel(y.reshape(x2.shape), x2, mean, k, np.ascontiguousarray(beta), x.dtype.type(lo),
-                      x.dtype.type(hi), work=x2.size)
+                      x.dtype.type(hi), work=x2.size, min_work=_train_forward_min())
     return y, mean, inv_std
 
 

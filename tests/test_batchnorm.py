@@ -1,4 +1,5 @@
 """Batch norm kernels against the loop oracle, finite differences and PyTorch; bad input raises."""
+import numba
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -281,3 +282,29 @@ def test_layouts_are_exercised():
     for layout in LAYOUTS[1:]:
         v = with_layout(x, layout)
         assert not v.flags.c_contiguous and np.array_equal(v, x)
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 16, 256), (32, 16, 16, 256)], ids=["2^19", "2^21"])
+def test_training_forward_gives_the_same_bits_serial_or_parallel(shape):
+    """The training forward's passes go parallel only from 4x the general threshold (2^21 values by default), but
+    its statistics are summed in the same chunks either way: one thread and two give the same bits, at 2^19 values
+    (serial on two threads now) and at 2^21 (parallel), and so does the deferred statistics-only forward."""
+    from kernels import _jit
+    from kernels.batchnorm import batchnorm_act_forward_train, batchnorm_stats_train
+    assert _jit.PARALLEL_MIN_WORK == 1 << 19
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape, dtype=np.float32) * 3 + 1
+    gamma, beta = rng.uniform(0.5, 1.5, shape[-1]).astype(np.float32), rng.normal(size=shape[-1]).astype(np.float32)
+    results = []
+    for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+        numba.set_num_threads(threads)
+        try:
+            rm, rv = np.zeros(shape[-1], np.float32), np.ones(shape[-1], np.float32)
+            y, mean, inv_std = batchnorm_act_forward_train(x, gamma, beta, rm, rv, act="relu6", momentum=0.9)
+            rm2, rv2 = np.zeros(shape[-1], np.float32), np.ones(shape[-1], np.float32)
+            mean2, inv_std2 = batchnorm_stats_train(x, rm2, rv2, momentum=0.9)
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        results.append((y, mean, inv_std, rm, rv, mean2, inv_std2, rm2, rv2))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
