@@ -402,10 +402,10 @@ def _grouped(x):
 # general threshold (_jit.PARALLEL_MIN_WORK, 2^19: from 2^21 values); the statistics are still summed in the chunks
 # of _n_chunks, so the bits do not depend on it. Measured per layer in training steps on the 2-core machine, two
 # threads against one: 0.62-0.84x at 2^19 values (Fashion-MNIST, MobileNet 0.5 res 128), 0.84-0.93x at 2^20,
-# 1.08-1.47x from 2^21 (each pass is one launch, which wakes the
-# sleeping OpenMP worker; the backward's passes, two reads and one write, break even at 2^19). Whole training
-# steps, in-process alternating, against 2^19: Fashion-MNIST 1.006-1.039x (forward 8.5-9.3 against 8.7-10.0 ms),
-# MobileNet 0.5 res 128 0.99-1.04x, 1.0 res 128 0.96-1.00x (level within the noise of this hour).
+# 1.08-1.47x from 2^21 (each pass is one launch, which wakes the sleeping OpenMP worker; the backward's passes, two
+# reads and one write, break even at 2^19). Whole training steps, in-process alternating, against 2^19:
+# Fashion-MNIST 1.006-1.039x (forward 8.5-9.3 against 8.7-10.0 ms), MobileNet 0.5 res 128 0.99-1.04x, 1.0 res 128
+# 0.96-1.00x (level within the noise of this hour).
 TRAIN_FORWARD_PARALLEL_FACTOR = 4
 
 

@@ -9,8 +9,8 @@ A NumPy update makes eight passes over small arrays (about a microsecond each, f
 one loop does the same arithmetic in the same order, each operation rounded to the dtype as NumPy rounds it (no
 FMA contraction), so the result is bitwise that of ``tinyconv.optim.SGD``'s NumPy formula. When a model keeps its
 parameters and gradients end to end in one flat array each (``tinyconv.Sequential`` does), one call updates all of
-them: measured on the 2-core machine after a Fashion-MNIST backward pass (823,434 values in 83 arrays), 0.37 ms
-against 0.83 ms for one call per array.
+them: measured on the 2-core machine inside training steps, 1.35 against 1.84 ms for one call per array
+(Fashion-MNIST, 823,434 values in 83 arrays), 2.29 against 2.92 ms (MobileNet 1.0 res 128, 4.2 M values).
 """
 import numba
 import numpy as np
