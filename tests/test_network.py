@@ -314,6 +314,21 @@ def test_parameters_and_gradients_lie_end_to_end_and_zero_grad_clears_them_all()
     assert all(p.base is model._packed.params for _, p, _ in model.named_parameters())
 
 
+def test_zero_grad_clears_a_deep_copy_whose_views_were_copied_apart():
+    """copy.deepcopy (and pickle) copy each view of the flat arrays on its own: the copy's zero_grad must still
+    zero the arrays its layers hold, and its optimizer then updates them one by one."""
+    import copy
+    from tinyconv.optim import SGD
+    model = copy.deepcopy(small_net())
+    x = np.random.default_rng(2).standard_normal((2, 8, 8, 3))
+    loss_and_grads(model, x, np.array([1, 4]), SoftmaxCrossEntropy())
+    assert any(np.abs(g).max() > 0 for _, _, g in model.named_parameters())
+    model.zero_grad()
+    for name, _, g in model.named_parameters():
+        assert not g.any(), name
+    assert SGD(model.named_parameters(), lr=0.1, momentum=0.9)._flat is None
+
+
 def test_a_second_model_over_the_same_layers_leaves_them_with_the_first():
     """Packing never moves arrays that already are views (another model's): an optimizer built on the first model
     keeps updating the arrays its layers use."""

@@ -194,7 +194,9 @@ class Sequential:
         """Zero every parameter gradient in place: one fill of the flat gradient array while every layer still
         holds its views (see :func:`_pack_parameters`), else layer by layer."""
         packed = self._packed
-        if packed is not None and all(grads.get(k) is g for grads, k, g in packed.views):
+        # every layer must still hold its view, and the view still see the flat array (a deep copy or a pickle of
+        # the model copies each view on its own)
+        if packed is not None and all(grads.get(k) is g and g.base is packed.grads for grads, k, g in packed.views):
             packed.grads.fill(0)
             return
         for layer in self.layers:
