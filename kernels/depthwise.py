@@ -71,6 +71,8 @@ _W_LEGEND = "(KH, KW, C, M)"
 
 # (bias, lo, hi) of an output pass that does not happen: an empty bias skips it.
 _NO_PASS = {t: (np.zeros(0, t), t(-np.inf), t(np.inf)) for t in (np.float32, np.float64)}
+# The (lo, hi) clip of each activation as scalars of each dtype, made once rather than per call.
+_BOUNDS = {t: {act: (t(lo), t(hi)) for act, (lo, hi) in ACTIVATIONS.items()} for t in (np.float32, np.float64)}
 # (center, scale, shift, lo, hi) of an input pass that does not happen: an empty shift skips it.
 _NO_IN_PASS = {t: (np.zeros(0, t), np.zeros(0, t), np.zeros(0, t), t(-np.inf), t(np.inf))
                for t in (np.float32, np.float64)}
@@ -765,7 +767,7 @@ def _pass_args(bias_name, bias, act_name, act, channels, dtype):
         return _NO_PASS[dtype.type]
     else:
         bias = np.zeros(channels, dtype)
-    lo, hi = (dtype.type(v) for v in ACTIVATIONS[act])
+    lo, hi = _BOUNDS[dtype.type][act]
     return np.ascontiguousarray(bias), lo, hi
 
 

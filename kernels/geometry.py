@@ -30,6 +30,11 @@ class ConvGeometry(NamedTuple):
 
 def _pair(name, value):
     """Turn an int or a pair into a pair of ints, rejecting anything else."""
+    # the usual cases first, by exact type (bool, a subclass of int, fails these and is rejected below)
+    if type(value) is int:
+        return value, value
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):

@@ -121,6 +121,9 @@ DY = np.zeros((2, 3, 3, 4))
     (lambda: conv2d_forward([[1.0]], W), TypeError, ["x", "list"]),
     (lambda: conv2d_forward(X, W, stride=0), ValueError, ["stride", ">= 1"]),
     (lambda: conv2d_forward(X, W, stride=1.5), TypeError, ["stride"]),
+    (lambda: conv2d_forward(X, W, stride=True), TypeError, ["stride", "True"]),
+    (lambda: conv2d_forward(X, W, stride=(1, True)), TypeError, ["stride", "(1, True)"]),
+    (lambda: conv2d_forward(X.astype(">f8"), W), TypeError, ["x", ">f8"]),
     (lambda: conv2d_forward(X, W, padding="full"), ValueError, ["padding", "'full'"]),
     (lambda: conv2d_forward(X, W, padding=-1), ValueError, ["padding", ">= 0"]),
     (lambda: conv2d_forward(X, np.zeros((7, 3, 3, 4))), ValueError, ["kernel height 7", "padded input height 5"]),
@@ -145,3 +148,12 @@ def test_bad_input_raises_naming_the_argument(call, error, names):
         call()
     for name in names:
         assert name in str(info.value)
+
+
+def test_checks_accept_equal_dtypes_that_are_not_the_same_object():
+    # the checks settle the usual case by dtype identity; an equal dtype object of its own must pass all the same
+    other = np.dtype(np.float64).newbyteorder("=")
+    assert other is not np.dtype(np.float64) and other == np.float64
+    x = np.zeros((2, 5, 5, 3)).view(other)
+    assert x.dtype is other
+    np.testing.assert_array_equal(conv2d_forward(x, W, stride=(1, 1)), conv2d_forward(X, W, stride=1))
