@@ -239,10 +239,11 @@ def test_backward_without_forward_fails_clearly_on_split_cores_too(force_split):
 def test_worker_thread_runs_numba_on_one_thread_and_is_remade_after_a_fork(monkeypatch):
     worker = threads._grad_worker()
     assert threads._grad_worker() is worker
-    assert worker.submit(numba.get_num_threads).result() == 1
+    assert worker.call(numba.get_num_threads) == 1
     monkeypatch.setattr(threads, "_worker", worker)  # restored afterwards, with the pid
     monkeypatch.setattr(threads, "_worker_pid", -1)  # as in a forked child, where the parent's thread is gone
     child = threads._grad_worker()
     assert child is not worker
-    assert child.submit(numba.get_num_threads).result() == 1
-    child.shutdown()
+    assert child.call(numba.get_num_threads) == 1
+    with pytest.raises(KeyError, match="from the job"):
+        child.call(lambda: {}["from the job"])
