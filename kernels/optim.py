@@ -10,7 +10,10 @@ one loop does the same arithmetic in the same order, each operation rounded to t
 FMA contraction), so the result is bitwise that of ``tinyconv.optim.SGD``'s NumPy formula. When a model keeps its
 parameters and gradients end to end in one flat array each (``tinyconv.Sequential`` does), one call updates all of
 them: measured on the 2-core machine inside training steps, 1.35 against 1.84 ms for one call per array
-(Fashion-MNIST, 823,434 values in 83 arrays), 2.29 against 2.92 ms (MobileNet 1.0 res 128, 4.2 M values).
+(Fashion-MNIST, 823,434 values in 83 arrays), 2.29 against 2.92 ms (MobileNet 1.0 res 128, 4.2 M values). With
+the loop vectorized (unsigned index, see :func:`_sgd_kernel`) the whole-model step in training steps takes
+0.45-0.47 ms (Fashion-MNIST), 0.80 ms (MobileNet 0.5 res 128) and 1.83 ms (1.0 res 128), against 0.98-1.13, 1.47
+and 3.63 ms before.
 """
 import numba
 import numpy as np
@@ -23,10 +26,15 @@ PIECE = 1 << 15  # values per piece: the unit the threads share, small enough to
 @sized_kernel
 def _sgd_kernel(p, g, buf, starts, stops, wds, mu, lr, lr_mu, nesterov):
     """Over each piece s: t = p * wds[s] + g;  buf = buf * mu + t;  p = (p - t * lr) - buf * lr_mu (Nesterov) or
-    p - buf * lr. Pieces are disjoint, so each prange iteration owns its values."""
+    p - buf * lr. Pieces are disjoint, so each prange iteration owns its values.
+
+    The index is unsigned: from a signed start Numba guards every p[i] with a negative-index wraparound, which
+    keeps LLVM from vectorizing the loop (0.50 ms against 0.09 ms for 823,434 float32 values in cache, one thread;
+    the same bits, the arithmetic per value does not change)."""
+    u = np.uint64
     for s in numba.prange(starts.shape[0]):
         wd = wds[s]
-        for i in range(starts[s], stops[s]):
+        for i in range(u(starts[s]), u(stops[s])):
             t = p[i] * wd + g[i]
             b = buf[i] * mu + t
             buf[i] = b
