@@ -8,11 +8,12 @@ import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
-# The same two dtypes as dtype objects: NumPy hands out one object per native dtype, so ``x.dtype in _FLOAT`` is
-# settled by identity, where comparing a dtype with the scalar types above converts them on every test. The checks
-# run some 500 times per training step; with these fast paths (and geometry's) the wrappers of the batch-norm,
-# depthwise and pointwise kernels lost 10-30% of their own time (batch-norm forward 11.7 -> 9.7 us on a tiny map).
-_FLOAT = (np.dtype(np.float32), np.dtype(np.float64))
+# The same two dtypes as dtype objects: NumPy hands out one object per native dtype, so ``x.dtype in
+# FLOAT_DTYPE_OBJECTS`` is settled by identity, where comparing a dtype with the scalar types above converts them on
+# every test. The checks run some 500 times per training step; with these fast paths (and geometry's) the wrappers of
+# the batch-norm, depthwise and pointwise kernels lost 10-30% of their own time (batch-norm forward 11.7 -> 9.7 us on
+# a tiny map).
+FLOAT_DTYPE_OBJECTS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def check_float_array(name, x, ndim=None, legend=None):
@@ -29,7 +30,7 @@ def check_float_array(name, x, ndim=None, legend=None):
     """
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
-    if x.dtype not in _FLOAT and x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPE_OBJECTS and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}; convert with .astype(np.float32)")
     if ndim is not None and x.ndim != ndim:
         shape = f" {legend}" if legend else ""

@@ -24,7 +24,7 @@ import math
 import numba
 import numpy as np
 
-from kernels._check import _FLOAT, check_float_array, check_same_dtype
+from kernels._check import FLOAT_DTYPE_OBJECTS, check_float_array, check_same_dtype
 from kernels import _jit
 from kernels._jit import kernel, sized_kernel
 
@@ -345,7 +345,7 @@ def _check_x(name, x):
 
 def _check_channel_vectors(c_size, x_name, **vectors):
     for name, v in vectors.items():
-        if isinstance(v, np.ndarray) and v.shape == (c_size,) and v.dtype in _FLOAT:
+        if isinstance(v, np.ndarray) and v.shape == (c_size,) and v.dtype in FLOAT_DTYPE_OBJECTS:
             continue  # the usual case, settled without building a message
         check_float_array(name, v, ndim=1, legend="(C,)")
         if v.shape[0] != c_size:

@@ -11,7 +11,7 @@ counter can include them on request.
 """
 import numpy as np
 
-from kernels._check import _FLOAT, FLOAT_DTYPES
+from kernels._check import FLOAT_DTYPE_OBJECTS, FLOAT_DTYPES
 
 EXTRA_KINDS = ("bias", "bn", "activation", "pool")
 
@@ -124,7 +124,7 @@ class Layer:
         """Raise a clear error naming this layer when ``x`` has the wrong rank, channels or dtype."""
         if not isinstance(x, np.ndarray):
             raise TypeError(f"layer '{self.name}': input must be a numpy array, got {type(x).__name__}")
-        if x.dtype not in _FLOAT and x.dtype not in FLOAT_DTYPES:  # identity first (see kernels._check)
+        if x.dtype not in FLOAT_DTYPE_OBJECTS and x.dtype not in FLOAT_DTYPES:  # identity first (see kernels._check)
             raise TypeError(f"layer '{self.name}': input must be float32 or float64, got {x.dtype}")
         legend = "(N, H, W, C)" if ndim == 4 else "(N, C)"
         if x.ndim != ndim:

@@ -115,15 +115,6 @@ class _Worker:
         self._queue.put((done.set, []))
         done.wait()
 
-    def call(self, fn):
-        """Run ``fn()`` on the worker and return its result (or raise its exception): for tests."""
-        result, errors = [], []
-        self.submit(lambda: result.append(fn()), errors)
-        self.wait()
-        if errors:
-            raise errors[0]
-        return result[0]
-
 
 def _grad_worker():
     """The one worker thread (created on first use, again in a forked child, where the parent's thread is gone)."""
