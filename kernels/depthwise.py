@@ -622,6 +622,7 @@ def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_cente
     Cu = u(C)
     m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
     two = 2 * (OW // OW)  # the stride as a plain int, as in :func:`_row3x3`
+    none = C - C  # 0 as a plain int: literal zeros made Numba compile _ring_rows a second time, for this call alone
     rows = N * OH
     copies = in_shift.shape[0] > 0
     for blk in prange(blocks):
@@ -631,8 +632,8 @@ def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_cente
             n = r // OH
             ih = (r - n * OH) * 2 - pt
             if copies:
-                a, b, d = _ring_rows(ring, held, xrows, n * H, H, ih, 0, C, 0, W, in_center, in_k, in_shift, in_lo,
-                                     in_hi)
+                a, b, d = _ring_rows(ring, held, xrows, n * H, H, ih, none, C, none, W, in_center, in_k, in_shift,
+                                     in_lo, in_hi)
             else:
                 a, b, d = _three_rows(xrows, n * H, H, ih, zero)
             yrow = yrows[r]
