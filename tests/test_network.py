@@ -339,4 +339,10 @@ def test_a_second_model_over_the_same_layers_leaves_them_with_the_first():
     assert second._packed is None
     for (_, p, _), (_, q, _) in zip(first.named_parameters(), second.named_parameters()):
         assert p is q
-    assert opt._flat is not None and opt._flat[0] is not None
+    assert opt._flat is not None
+    before = [p.copy() for _, p, _ in second.named_parameters()]
+    for _, _, g in first.named_parameters():
+        g.fill(1.0)
+    opt.step()
+    for (name, p, _), old in zip(second.named_parameters(), before):
+        assert not np.array_equal(p, old), f"{name}: the step did not reach the array the layer holds"
