@@ -714,6 +714,8 @@ def cold_child():
                 dispatchers += 2
                 compiled += bool(obj.serial.signatures) + bool(obj.parallel.signatures)
             elif isinstance(obj, numba.core.registry.CPUDispatcher) and obj.__module__ == mod.__name__:
+                if obj.targetoptions.get("inline") == "always":
+                    continue  # compiled inside its callers only, never on its own
                 dispatchers += 1
                 compiled += bool(obj.signatures)
             elif callable(obj) and not attr.startswith("_") and getattr(obj, "__module__", "") == mod.__name__ \

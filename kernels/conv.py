@@ -30,63 +30,66 @@ def _im2col(cols, x, sh, sw, pt, pl):
     """cols[n, oh, ow, kh, kw, :] = x[n, oh*sh - pt + kh, ow*sw - pl + kw, :], or 0 in the padding.
 
     cols: (N, OH, OW, KH, KW, C) output, written entirely; x: (N, H, W, C), contiguous.
-    Rows are flattened and indexed with unsigned offsets, and a window row whose KW taps all lie inside the input
-    is one run of KW*C values, copied in one loop. With a slice per (ow, kh, kw), the input layer's im2col
-    (C = 3) paid more for the slices than for the copying.
+    Both are read flat, with unsigned offsets, and a window row whose KW taps all lie inside the input is one run
+    of KW*C values, copied in one loop. With a slice per (ow, kh, kw), the input layer's im2col (C = 3) paid more
+    for the slices than for the copying; a view of a row costs two atomic reference-count updates of its own.
     """
     N, OH, OW, KH, KW, C = cols.shape
     H, W = x.shape[1], x.shape[2]
-    crows = cols.reshape(N * OH, OW * KH * KW * C)
-    xrows = x.reshape(N * H, W * C)
+    cf, xf = cols.reshape(-1), x.reshape(-1)
     u = np.uint64
     Cu = u(C)
     KC = u(KW * C)
     for r in prange(N * OH):
         n = r // OH
         oh = r - n * OH
-        dst = crows[r]
+        rb = u(r * OW * KH) * KC  # this output row's windows
         for ow in range(OW):
             iw0 = ow * sw - pl
             inside = 0 <= iw0 and iw0 + KW <= W
             for kh in range(KH):
                 ih = oh * sh - pt + kh
-                o = u((ow * KH + kh) * KW) * Cu
+                o = rb + u(ow * KH + kh) * KC
                 if ih < 0 or ih >= H:
                     for j in range(KC):
-                        dst[o + j] = 0.0
+                        cf[o + j] = 0.0
                     continue
-                src = xrows[n * H + ih]
+                xb = u((n * H + ih) * W) * Cu
                 if inside:
-                    k = u(iw0) * Cu
+                    k = xb + u(iw0) * Cu
                     for j in range(KC):
-                        dst[o + j] = src[k + j]
+                        cf[o + j] = xf[k + j]
                     continue
                 for kw in range(KW):
                     iw = iw0 + kw
                     ok = o + u(kw) * Cu
                     if 0 <= iw < W:
-                        k = u(iw) * Cu
+                        k = xb + u(iw) * Cu
                         for c in range(Cu):
-                            dst[ok + c] = src[k + c]
+                            cf[ok + c] = xf[k + c]
                     else:
                         for c in range(Cu):
-                            dst[ok + c] = 0.0
+                            cf[ok + c] = 0.0
 
 
 @parallel_kernel(noalias=True)
 def _col2im(dx, dcols, sh, sw, pt, pl):
     """dx[n, ih, iw, :] = sum of dcols[n, oh, ow, kh, kw, :] over all (oh, ow, kh, kw) that read x[n, ih, iw].
 
-    dx: (N, H, W, C) output, written entirely; dcols: (N, OH, OW, KH, KW, C).
+    dx: (N, H, W, C) output, written entirely; dcols: (N, OH, OW, KH, KW, C), contiguous; both read flat.
     Input row ih is read by output row oh through tap kh when oh*sh - pt + kh == ih.
     """
     N, H, W, C = dx.shape
     OH, OW, KH, KW = dcols.shape[1], dcols.shape[2], dcols.shape[3], dcols.shape[4]
+    dxf, df = dx.reshape(-1), dcols.reshape(-1)
+    u = np.uint64
+    Cu = u(C)
     for r in prange(N * H):
         n = r // H
         ih = r - n * H
-        dxrow = dx[n, ih]  # (W, C)
-        dxrow[:] = 0.0
+        xb = u(r * W) * Cu
+        for j in range(u(W) * Cu):
+            dxf[xb + j] = 0.0
         for kh in range(KH):
             t = ih + pt - kh
             if t < 0 or t % sh != 0 or t // sh >= OH:
@@ -96,10 +99,10 @@ def _col2im(dx, dcols, sh, sw, pt, pl):
                 for kw in range(KW):
                     iw = ow * sw - pl + kw
                     if 0 <= iw < W:
-                        src = dcols[n, oh, ow, kh, kw]
-                        dst = dxrow[iw]
-                        for c in range(C):
-                            dst[c] += src[c]
+                        s0 = u((((n * OH + oh) * OW + ow) * KH + kh) * KW + kw) * Cu
+                        d0 = xb + u(iw) * Cu
+                        for c in range(Cu):
+                            dxf[d0 + c] += df[s0 + c]
 
 
 def _check_shape_arg(name, shape, legend):

@@ -26,6 +26,10 @@ dy (:func:`_backward3x3`), bit for bit what the two separate calls give.
 The 3x3 kernels, and every kernel here whose outputs the wrappers allocate, are compiled ``noalias``
 (:mod:`kernels._jit`): without it each channel loop began with LLVM's run-time checks that its output row does
 not overlap its input rows, which cost more than the loop at 16-32 channels.
+Rows are ranges of whole (flattened) arrays, addressed by unsigned offsets, never views: each view costs two atomic
+reference-count updates (Numba's NRT incref and decref), and so does each array argument of a per-row helper that
+calls another function (:func:`kernels._jit.kernel`). With views, those updates took 60% of a serial 128x16x16x16
+forward.
 The kernels are written for M == 1 (MobileNet's case). For M > 1 the wrappers repeat each input channel M times,
 (N, H, W, C) -> (N, H, W, C*M), which turns the op into an M == 1 depthwise conv over C*M channels; dx is summed
 back over the copies.
@@ -110,30 +114,32 @@ def _forward(y, x, wt, sh, sw, pt, pl, bias, act_lo, act_hi):
     N, OH, OW, C = y.shape
     H, W = x.shape[1], x.shape[2]
     KH, KW = wt.shape[0], wt.shape[1]
-    yrows = y.reshape(N * OH, OW * C)
-    xrows = x.reshape(N * H, W * C)
+    yf, xf, wf = y.reshape(-1), x.reshape(-1), wt.reshape(-1)  # whole arrays and offsets: no view per row
+    L = OW * C  # values per output row, and per tap of wt
     u = np.uint64
     for r in prange(N * OH):
         n = r // OH
         oh = r - n * OH
-        yrow = yrows[r]
-        yrow[:] = 0.0
+        yb = u(r * L)
+        for j in range(u(L)):
+            yf[yb + j] = 0.0
         for kh in range(KH):
             ih = oh * sh - pt + kh
             if ih < 0 or ih >= H:
                 continue
-            xrow = xrows[n * H + ih]
+            xb = u((n * H + ih) * W * C)
             for kw in range(KW):
                 lo, hi = _tap_range(kw, pl, sw, W, OW)
                 runs, span = _runs(lo, hi, sw, C)
-                wv = wt[kh, kw]
+                wb = u((kh * KW + kw) * L)
                 for q in range(runs):
                     yo = u((lo + q) * C)
-                    xo = u(((lo + q) * sw - pl + kw) * C)
+                    xo = xb + u(((lo + q) * sw - pl + kw) * C)
+                    yq, wq = yb + yo, wb + yo
                     for j in range(u(span)):
-                        yrow[yo + j] += xrow[xo + j] * wv[yo + j]
+                        yf[yq + j] += xf[xo + j] * wf[wq + j]
         if bias.shape[0] > 0:
-            _bias_act_row(yrow, bias, act_lo, act_hi)
+            _bias_act_row(yf, r * L, (r + 1) * L, bias, act_lo, act_hi)
 
 
 @sized_kernel(noalias=True)
@@ -145,74 +151,78 @@ def _backward_input(dx, dy, wt, sh, sw, pt, pl):
     N, H, W, C = dx.shape
     OH, OW = dy.shape[1], dy.shape[2]
     KH, KW = wt.shape[0], wt.shape[1]
-    dxrows = dx.reshape(N * H, W * C)
-    dyrows = dy.reshape(N * OH, OW * C)
+    dxf, dyf, wf = dx.reshape(-1), dy.reshape(-1), wt.reshape(-1)
+    L = OW * C
     u = np.uint64
     for r in prange(N * H):
         n = r // H
         ih = r - n * H
-        dxrow = dxrows[r]
-        dxrow[:] = 0.0
+        xb = u(r * W * C)
+        for j in range(u(W * C)):
+            dxf[xb + j] = 0.0
         for kh in range(KH):
             t = ih + pt - kh
             if t < 0 or t % sh != 0 or t // sh >= OH:
                 continue
-            dyrow = dyrows[n * OH + t // sh]
+            yb = u((n * OH + t // sh) * L)
             for kw in range(KW):
                 lo, hi = _tap_range(kw, pl, sw, W, OW)
                 runs, span = _runs(lo, hi, sw, C)
-                wv = wt[kh, kw]
+                wb = u((kh * KW + kw) * L)
                 for q in range(runs):
                     yo = u((lo + q) * C)
-                    xo = u(((lo + q) * sw - pl + kw) * C)
+                    xo = xb + u(((lo + q) * sw - pl + kw) * C)
+                    yq, wq = yb + yo, wb + yo
                     for j in range(u(span)):
-                        dxrow[xo + j] += dyrow[yo + j] * wv[yo + j]
+                        dxf[xo + j] += dyf[yq + j] * wf[wq + j]
 
 
 @kernel(noalias=True)
-def _weight_row(acc, dyrow, xrows, n, H, oh, sh, sw, pt, pl, W, OW, C):
-    """Add output row (n, oh)'s weight-gradient terms to acc (KH, KW, OW*C), tiled along the row (entry ow*C + c
-    belongs to channel c); dyrow (OW*C,) is dy[n, oh], xrows (N*H, W*C) the input rows.
+def _weight_row(acc, KH, KW, dyf, r, xf, n, H, oh, sh, sw, pt, pl, W, OW, C):
+    """Add output row r = (n, oh)'s weight-gradient terms to acc, the block's (KH, KW, OW*C) accumulator flat, tiled
+    along the row (entry ow*C + c of a tap belongs to channel c); dyf and xf are dy and x flat.
 
     The tap loops are :func:`_forward`'s, written out again: one helper adding a tap's run for both gave the same
     bits but made the generic paths 5-16% slower (interleaved A/B in one process)."""
-    KH, KW = acc.shape[0], acc.shape[1]
+    L = OW * C
     u = np.uint64
+    yb = u(r * L)
     for kh in range(KH):
         ih = oh * sh - pt + kh
         if ih < 0 or ih >= H:
             continue
-        xrow = xrows[n * H + ih]
+        xb = u((n * H + ih) * W * C)
         for kw in range(KW):
             lo, hi = _tap_range(kw, pl, sw, W, OW)
             runs, span = _runs(lo, hi, sw, C)
-            dst = acc[kh, kw]
+            ab = u((kh * KW + kw) * L)
             for q in range(runs):
                 yo = u((lo + q) * C)
-                xo = u(((lo + q) * sw - pl + kw) * C)
+                xo = xb + u(((lo + q) * sw - pl + kw) * C)
+                aq, yq = ab + yo, yb + yo
                 for j in range(u(span)):
-                    dst[yo + j] += xrow[xo + j] * dyrow[yo + j]
+                    acc[aq + j] += xf[xo + j] * dyf[yq + j]
 
 
 @kernel(noalias=True)
-def _weight_row_cols(acc, dyrow, xrows, n, H, oh, sh, sw, pt, pl, W, OW, C):
-    """:func:`_weight_row` into a per-channel accumulator acc (KH, KW, C): one run of C values per column."""
-    KH, KW = acc.shape[0], acc.shape[1]
+def _weight_row_cols(acc, KH, KW, dyf, r, xf, n, H, oh, sh, sw, pt, pl, W, OW, C):
+    """:func:`_weight_row` into a per-channel accumulator, (KH, KW, C) flat: one run of C values per column."""
     u = np.uint64
     Cu = u(C)
+    yb = u(r * OW * C)
     for kh in range(KH):
         ih = oh * sh - pt + kh
         if ih < 0 or ih >= H:
             continue
-        xrow = xrows[n * H + ih]
+        xb = u((n * H + ih) * W * C)
         for kw in range(KW):
             lo, hi = _tap_range(kw, pl, sw, W, OW)
-            dst = acc[kh, kw]
+            ab = u((kh * KW + kw) * C)
             for ow in range(lo, hi):
-                xo = u((ow * sw - pl + kw) * C)
-                yo = u(ow * C)
+                xo = xb + u((ow * sw - pl + kw) * C)
+                yo = yb + u(ow * C)
                 for c in range(Cu):
-                    dst[c] += xrow[xo + c] * dyrow[yo + c]
+                    acc[ab + c] += xf[xo + c] * dyf[yo + c]
 
 
 @sized_kernel(noalias=True)
@@ -225,21 +235,20 @@ def _backward_weight(partial, dy, x, sh, sw, pt, pl, per_column):
     start per column but OW times less accumulator; with many channels the runs are long anyway and the tiled
     accumulator (KH*KW*OW*C values per block) no longer fits in L1.
     """
-    B = partial.shape[0]
+    B, KH, KW = partial.shape[0], partial.shape[1], partial.shape[2]
     N, OH, OW, C = dy.shape
     H, W = x.shape[1], x.shape[2]
-    dyrows = dy.reshape(N * OH, OW * C)
-    xrows = x.reshape(N * H, W * C)
+    dyf, xf = dy.reshape(-1), x.reshape(-1)
     rows = N * OH
     for blk in prange(B):
-        acc = partial[blk]  # (KH, KW, L)
+        acc = partial[blk].reshape(-1)  # (KH*KW*L,)
         acc[:] = 0.0
         for r in range(blk * rows // B, (blk + 1) * rows // B):
             n = r // OH
             if per_column:
-                _weight_row_cols(acc, dyrows[r], xrows, n, H, r - n * OH, sh, sw, pt, pl, W, OW, C)
+                _weight_row_cols(acc, KH, KW, dyf, r, xf, n, H, r - n * OH, sh, sw, pt, pl, W, OW, C)
             else:
-                _weight_row(acc, dyrows[r], xrows, n, H, r - n * OH, sh, sw, pt, pl, W, OW, C)
+                _weight_row(acc, KH, KW, dyf, r, xf, n, H, r - n * OH, sh, sw, pt, pl, W, OW, C)
 
 
 # ---- 3x3 stride-1 fast path (MobileNet's depthwise kernel; also its stride-1 input gradient) ----
@@ -281,16 +290,6 @@ def _use_3x3_s2(KH, KW, sh, sw, width):
 
 
 @kernel
-def _three_rows(xrows, base, H, ih, zero):
-    """Input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows), ``zero`` for rows in the
-    padding: the three rows a 3x3 output row reads."""
-    a = xrows[base + ih] if 0 <= ih < H else zero
-    b = xrows[base + ih + 1] if 0 <= ih + 1 < H else zero
-    d = xrows[base + ih + 2] if 0 <= ih + 2 < H else zero
-    return a, b, d
-
-
-@kernel
 def _channel_offsets(C):
     """j*C for j = 1..8 as unsigned ints: the offsets of the 3x3 kernels' columns and taps (unsigned for the
     reason in the note on the 3x3 path)."""
@@ -299,8 +298,9 @@ def _channel_offsets(C):
 
 
 @fast_kernel(noalias=True)
-def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
-    """yrow[ow*C:(ow+1)*C] = the 3x3 sum at output column ow (column stride sw), skipping taps outside [0, W).
+def _column3x3(y, yo, src, a, b, d, wf, C, W, sw, pl, ow):
+    """y[yo + ow*C:yo + (ow+1)*C] = the 3x3 sum at output column ow (column stride sw) of the output row at yo, from
+    the rows at offsets a, b, d of src (W columns each), skipping taps outside [0, W).
 
     For the border columns. Unsigned offsets into whole rows, no slices: with a slice per tap (and signed
     indices) a border column cost as much as ~15 interior columns, 2/3 of a 64x64x32 forward (112 vs 38 us per
@@ -308,180 +308,201 @@ def _column3x3(yrow, a, b, d, wf, C, W, sw, pl, ow):
     """
     u = np.uint64
     Cu = u(C)
-    o = u(ow * C)
+    o = u(yo + ow * C)
     for c in range(u(0), Cu):
-        yrow[o + c] = 0.0
+        y[o + c] = 0.0
     for kw in range(3):
         iw = ow * sw - pl + kw
         if 0 <= iw < W:
             k = u(iw * C)
+            sa, sb, sd = u(a) + k, u(b) + k, u(d) + k
             ka, kb, kd = u(kw * C), u((3 + kw) * C), u((6 + kw) * C)
             for c in range(u(0), Cu):
-                yrow[o + c] += a[k + c] * wf[ka + c] + b[k + c] * wf[kb + c] + d[k + c] * wf[kd + c]
+                y[o + c] += src[sa + c] * wf[ka + c] + src[sb + c] * wf[kb + c] + src[sd + c] * wf[kd + c]
 
 
 @fast_kernel(noalias=True)
-def _row3x3(yrow, a, b, d, wf, C):
-    """One output row of the stride-1 3x3 conv: yrow (OW*C,) from the three padded input rows a, b, d
-    ((OW + 2)*C,: output column ow reads their columns ow, ow + 1, ow + 2). Four columns per pass, then one."""
-    OW = yrow.shape[0] // C
+def _row3x3(y, yo, src, a, b, d, wf, C, OW):
+    """One output row of the stride-1 3x3 conv: y[yo:yo + OW*C] from the three padded input rows at offsets a, b,
+    d of src ((OW + 2)*C values each: output column ow reads their columns ow, ow + 1, ow + 2). Four columns per
+    pass, then one."""
     u = np.uint64
     Cu = u(C)
     m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
     ow = 0
     while ow + 4 <= OW:
         o0 = u(ow * C)  # output j reads padded columns j, j+1, j+2 of the 6 starting at the same offset
-        o1, o2, o3, o4, o5 = o0 + m1, o0 + m2, o0 + m3, o0 + m4, o0 + m5
+        y0 = u(yo) + o0
+        y1, y2, y3 = y0 + m1, y0 + m2, y0 + m3
+        a0 = u(a) + o0
+        a1, a2, a3, a4, a5 = a0 + m1, a0 + m2, a0 + m3, a0 + m4, a0 + m5
+        b0 = u(b) + o0
+        b1, b2, b3, b4, b5 = b0 + m1, b0 + m2, b0 + m3, b0 + m4, b0 + m5
+        d0 = u(d) + o0
+        d1, d2, d3, d4, d5 = d0 + m1, d0 + m2, d0 + m3, d0 + m4, d0 + m5
         for c in range(u(0), Cu):
             v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
             v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
             v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
-            p0, p1, p2, p3, p4, p5 = a[c + o0], a[c + o1], a[c + o2], a[c + o3], a[c + o4], a[c + o5]
-            q0, q1, q2, q3, q4, q5 = b[c + o0], b[c + o1], b[c + o2], b[c + o3], b[c + o4], b[c + o5]
-            s0, s1, s2, s3, s4, s5 = d[c + o0], d[c + o1], d[c + o2], d[c + o3], d[c + o4], d[c + o5]
-            yrow[c + o0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
-                            + (s0 * v6 + s1 * v7 + s2 * v8))
-            yrow[c + o1] = ((p1 * v0 + p2 * v1 + p3 * v2) + (q1 * v3 + q2 * v4 + q3 * v5)
-                            + (s1 * v6 + s2 * v7 + s3 * v8))
-            yrow[c + o2] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
-                            + (s2 * v6 + s3 * v7 + s4 * v8))
-            yrow[c + o3] = ((p3 * v0 + p4 * v1 + p5 * v2) + (q3 * v3 + q4 * v4 + q5 * v5)
-                            + (s3 * v6 + s4 * v7 + s5 * v8))
+            p0, p1, p2, p3, p4, p5 = src[c + a0], src[c + a1], src[c + a2], src[c + a3], src[c + a4], src[c + a5]
+            q0, q1, q2, q3, q4, q5 = src[c + b0], src[c + b1], src[c + b2], src[c + b3], src[c + b4], src[c + b5]
+            s0, s1, s2, s3, s4, s5 = src[c + d0], src[c + d1], src[c + d2], src[c + d3], src[c + d4], src[c + d5]
+            y[c + y0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
+                         + (s0 * v6 + s1 * v7 + s2 * v8))
+            y[c + y1] = ((p1 * v0 + p2 * v1 + p3 * v2) + (q1 * v3 + q2 * v4 + q3 * v5)
+                         + (s1 * v6 + s2 * v7 + s3 * v8))
+            y[c + y2] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
+                         + (s2 * v6 + s3 * v7 + s4 * v8))
+            y[c + y3] = ((p3 * v0 + p4 * v1 + p5 * v2) + (q3 * v3 + q4 * v4 + q5 * v5)
+                         + (s3 * v6 + s4 * v7 + s5 * v8))
         ow += 4
     for ow in range(ow, OW):
         o0 = u(ow * C)
-        o1, o2 = o0 + m1, o0 + m2
+        y0, a0, b0, d0 = u(yo) + o0, u(a) + o0, u(b) + o0, u(d) + o0
         for c in range(u(0), Cu):
-            yrow[c + o0] = ((a[c + o0] * wf[c] + a[c + o1] * wf[c + m1] + a[c + o2] * wf[c + m2])
-                            + (b[c + o0] * wf[c + m3] + b[c + o1] * wf[c + m4] + b[c + o2] * wf[c + m5])
-                            + (d[c + o0] * wf[c + m6] + d[c + o1] * wf[c + m7] + d[c + o2] * wf[c + m8]))
+            y[c + y0] = ((src[c + a0] * wf[c] + src[c + a0 + m1] * wf[c + m1] + src[c + a0 + m2] * wf[c + m2])
+                         + (src[c + b0] * wf[c + m3] + src[c + b0 + m1] * wf[c + m4] + src[c + b0 + m2] * wf[c + m5])
+                         + (src[c + d0] * wf[c + m6] + src[c + d0 + m1] * wf[c + m7] + src[c + d0 + m2] * wf[c + m8]))
 
 
 @fast_kernel(noalias=True)
-def _weight_row3x3(acc, dyrow, a, b, d, C):
-    """acc (9*C,) += the stride-1 3x3 weight-gradient terms of one output row, entry (kh*3 + kw)*C + c: dyrow
-    (OW*C,) is dy[n, oh]; a, b, d the padded input rows under it ((OW + 2)*C,, as :func:`_row3x3` reads them).
+def _weight_row3x3(acc, dy, go, src, a, b, d, C, OW):
+    """acc (9*C,) += the stride-1 3x3 weight-gradient terms of one output row, entry (kh*3 + kw)*C + c: the row is
+    dy[go:go + OW*C]; a, b, d the offsets in src of the padded input rows under it ((OW + 2)*C values each, as
+    :func:`_row3x3` reads them).
 
     Four columns per pass: each channel's nine sums of four products stay in registers and go into acc once, so
     per product there is about one load instead of the three loads and a store of :func:`_weight_row`."""
-    OW = dyrow.shape[0] // C
     u = np.uint64
     Cu = u(C)
     m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
     ow = 0
     while ow + 4 <= OW:
         o0 = u(ow * C)  # dy columns ow..ow+3 pair with padded columns ow+j+kw
-        o1, o2, o3, o4, o5 = o0 + m1, o0 + m2, o0 + m3, o0 + m4, o0 + m5
+        g0 = u(go) + o0
+        g1, g2, g3 = g0 + m1, g0 + m2, g0 + m3
+        a0 = u(a) + o0
+        a1, a2, a3, a4, a5 = a0 + m1, a0 + m2, a0 + m3, a0 + m4, a0 + m5
+        b0 = u(b) + o0
+        b1, b2, b3, b4, b5 = b0 + m1, b0 + m2, b0 + m3, b0 + m4, b0 + m5
+        d0 = u(d) + o0
+        d1, d2, d3, d4, d5 = d0 + m1, d0 + m2, d0 + m3, d0 + m4, d0 + m5
         for c in range(u(0), Cu):
-            g0, g1, g2, g3 = dyrow[c + o0], dyrow[c + o1], dyrow[c + o2], dyrow[c + o3]
-            p0, p1, p2, p3, p4, p5 = a[c + o0], a[c + o1], a[c + o2], a[c + o3], a[c + o4], a[c + o5]
-            q0, q1, q2, q3, q4, q5 = b[c + o0], b[c + o1], b[c + o2], b[c + o3], b[c + o4], b[c + o5]
-            s0, s1, s2, s3, s4, s5 = d[c + o0], d[c + o1], d[c + o2], d[c + o3], d[c + o4], d[c + o5]
-            acc[c] += (p0 * g0 + p1 * g1) + (p2 * g2 + p3 * g3)
-            acc[c + m1] += (p1 * g0 + p2 * g1) + (p3 * g2 + p4 * g3)
-            acc[c + m2] += (p2 * g0 + p3 * g1) + (p4 * g2 + p5 * g3)
-            acc[c + m3] += (q0 * g0 + q1 * g1) + (q2 * g2 + q3 * g3)
-            acc[c + m4] += (q1 * g0 + q2 * g1) + (q3 * g2 + q4 * g3)
-            acc[c + m5] += (q2 * g0 + q3 * g1) + (q4 * g2 + q5 * g3)
-            acc[c + m6] += (s0 * g0 + s1 * g1) + (s2 * g2 + s3 * g3)
-            acc[c + m7] += (s1 * g0 + s2 * g1) + (s3 * g2 + s4 * g3)
-            acc[c + m8] += (s2 * g0 + s3 * g1) + (s4 * g2 + s5 * g3)
+            e0, e1, e2, e3 = dy[c + g0], dy[c + g1], dy[c + g2], dy[c + g3]
+            p0, p1, p2, p3, p4, p5 = src[c + a0], src[c + a1], src[c + a2], src[c + a3], src[c + a4], src[c + a5]
+            q0, q1, q2, q3, q4, q5 = src[c + b0], src[c + b1], src[c + b2], src[c + b3], src[c + b4], src[c + b5]
+            s0, s1, s2, s3, s4, s5 = src[c + d0], src[c + d1], src[c + d2], src[c + d3], src[c + d4], src[c + d5]
+            acc[c] += (p0 * e0 + p1 * e1) + (p2 * e2 + p3 * e3)
+            acc[c + m1] += (p1 * e0 + p2 * e1) + (p3 * e2 + p4 * e3)
+            acc[c + m2] += (p2 * e0 + p3 * e1) + (p4 * e2 + p5 * e3)
+            acc[c + m3] += (q0 * e0 + q1 * e1) + (q2 * e2 + q3 * e3)
+            acc[c + m4] += (q1 * e0 + q2 * e1) + (q3 * e2 + q4 * e3)
+            acc[c + m5] += (q2 * e0 + q3 * e1) + (q4 * e2 + q5 * e3)
+            acc[c + m6] += (s0 * e0 + s1 * e1) + (s2 * e2 + s3 * e3)
+            acc[c + m7] += (s1 * e0 + s2 * e1) + (s3 * e2 + s4 * e3)
+            acc[c + m8] += (s2 * e0 + s3 * e1) + (s4 * e2 + s5 * e3)
         ow += 4
     for ow in range(ow, OW):
         o0 = u(ow * C)
-        o1, o2 = o0 + m1, o0 + m2
+        g0, a0, b0, d0 = u(go) + o0, u(a) + o0, u(b) + o0, u(d) + o0
         for c in range(u(0), Cu):
-            g = dyrow[c + o0]
-            acc[c] += a[c + o0] * g
-            acc[c + m1] += a[c + o1] * g
-            acc[c + m2] += a[c + o2] * g
-            acc[c + m3] += b[c + o0] * g
-            acc[c + m4] += b[c + o1] * g
-            acc[c + m5] += b[c + o2] * g
-            acc[c + m6] += d[c + o0] * g
-            acc[c + m7] += d[c + o1] * g
-            acc[c + m8] += d[c + o2] * g
+            e = dy[c + g0]
+            acc[c] += src[c + a0] * e
+            acc[c + m1] += src[c + a0 + m1] * e
+            acc[c + m2] += src[c + a0 + m2] * e
+            acc[c + m3] += src[c + b0] * e
+            acc[c + m4] += src[c + b0 + m1] * e
+            acc[c + m5] += src[c + b0 + m2] * e
+            acc[c + m6] += src[c + d0] * e
+            acc[c + m7] += src[c + d0 + m1] * e
+            acc[c + m8] += src[c + d0 + m2] * e
 
 
 @fast_kernel(noalias=True)
-def _weight_row3x3s2(acc, dyrow, a, b, d, C):
-    """:func:`_weight_row3x3` at stride 2: a, b, d are padded rows ((2*OW + 1)*C,), output column ow reading their
-    columns 2*ow .. 2*ow + 2. Four columns per pass over nine padded columns (27 input offsets: the overlap checks
-    that once kept such a loop scalar are gone with noalias)."""
-    OW = dyrow.shape[0] // C
+def _weight_row3x3s2(acc, dy, go, src, a, b, d, C, OW):
+    """:func:`_weight_row3x3` at stride 2: the rows at offsets a, b, d of src are padded rows ((2*OW + 1)*C values),
+    output column ow reading their columns 2*ow .. 2*ow + 2. Four columns per pass over nine padded columns (27
+    input offsets: the overlap checks that once kept such a loop scalar are gone with noalias)."""
     u = np.uint64
     Cu = u(C)
     m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
     ow = 0
     while ow + 4 <= OW:
-        o0 = u(ow * C)
-        o1, o2, o3 = o0 + m1, o0 + m2, o0 + m3
+        g0 = u(go) + u(ow * C)
+        g1, g2, g3 = g0 + m1, g0 + m2, g0 + m3
         k0 = u(2 * ow * C)  # dy column ow + t pairs with padded columns 2t + kw from here
-        k1, k2, k3, k4, k5, k6, k7, k8 = k0 + m1, k0 + m2, k0 + m3, k0 + m4, k0 + m5, k0 + m6, k0 + m7, k0 + m8
+        a0, b0, d0 = u(a) + k0, u(b) + k0, u(d) + k0
         for c in range(u(0), Cu):
-            g0, g1, g2, g3 = dyrow[c + o0], dyrow[c + o1], dyrow[c + o2], dyrow[c + o3]
-            p0, p1, p2, p3, p4 = a[c + k0], a[c + k1], a[c + k2], a[c + k3], a[c + k4]
-            p5, p6, p7, p8 = a[c + k5], a[c + k6], a[c + k7], a[c + k8]
-            acc[c] += (p0 * g0 + p2 * g1) + (p4 * g2 + p6 * g3)
-            acc[c + m1] += (p1 * g0 + p3 * g1) + (p5 * g2 + p7 * g3)
-            acc[c + m2] += (p2 * g0 + p4 * g1) + (p6 * g2 + p8 * g3)
-            p0, p1, p2, p3, p4 = b[c + k0], b[c + k1], b[c + k2], b[c + k3], b[c + k4]
-            p5, p6, p7, p8 = b[c + k5], b[c + k6], b[c + k7], b[c + k8]
-            acc[c + m3] += (p0 * g0 + p2 * g1) + (p4 * g2 + p6 * g3)
-            acc[c + m4] += (p1 * g0 + p3 * g1) + (p5 * g2 + p7 * g3)
-            acc[c + m5] += (p2 * g0 + p4 * g1) + (p6 * g2 + p8 * g3)
-            p0, p1, p2, p3, p4 = d[c + k0], d[c + k1], d[c + k2], d[c + k3], d[c + k4]
-            p5, p6, p7, p8 = d[c + k5], d[c + k6], d[c + k7], d[c + k8]
-            acc[c + m6] += (p0 * g0 + p2 * g1) + (p4 * g2 + p6 * g3)
-            acc[c + m7] += (p1 * g0 + p3 * g1) + (p5 * g2 + p7 * g3)
-            acc[c + m8] += (p2 * g0 + p4 * g1) + (p6 * g2 + p8 * g3)
+            e0, e1, e2, e3 = dy[c + g0], dy[c + g1], dy[c + g2], dy[c + g3]
+            k = c + a0
+            p0, p1, p2, p3, p4 = src[k], src[k + m1], src[k + m2], src[k + m3], src[k + m4]
+            p5, p6, p7, p8 = src[k + m5], src[k + m6], src[k + m7], src[k + m8]
+            acc[c] += (p0 * e0 + p2 * e1) + (p4 * e2 + p6 * e3)
+            acc[c + m1] += (p1 * e0 + p3 * e1) + (p5 * e2 + p7 * e3)
+            acc[c + m2] += (p2 * e0 + p4 * e1) + (p6 * e2 + p8 * e3)
+            k = c + b0
+            p0, p1, p2, p3, p4 = src[k], src[k + m1], src[k + m2], src[k + m3], src[k + m4]
+            p5, p6, p7, p8 = src[k + m5], src[k + m6], src[k + m7], src[k + m8]
+            acc[c + m3] += (p0 * e0 + p2 * e1) + (p4 * e2 + p6 * e3)
+            acc[c + m4] += (p1 * e0 + p3 * e1) + (p5 * e2 + p7 * e3)
+            acc[c + m5] += (p2 * e0 + p4 * e1) + (p6 * e2 + p8 * e3)
+            k = c + d0
+            p0, p1, p2, p3, p4 = src[k], src[k + m1], src[k + m2], src[k + m3], src[k + m4]
+            p5, p6, p7, p8 = src[k + m5], src[k + m6], src[k + m7], src[k + m8]
+            acc[c + m6] += (p0 * e0 + p2 * e1) + (p4 * e2 + p6 * e3)
+            acc[c + m7] += (p1 * e0 + p3 * e1) + (p5 * e2 + p7 * e3)
+            acc[c + m8] += (p2 * e0 + p4 * e1) + (p6 * e2 + p8 * e3)
         ow += 4
     for ow in range(ow, OW):
-        o0 = u(ow * C)
+        g0 = u(go) + u(ow * C)
         k0 = u(2 * ow * C)
-        k1, k2 = k0 + m1, k0 + m2
+        a0, b0, d0 = u(a) + k0, u(b) + k0, u(d) + k0
         for c in range(u(0), Cu):
-            g = dyrow[c + o0]
-            acc[c] += a[c + k0] * g
-            acc[c + m1] += a[c + k1] * g
-            acc[c + m2] += a[c + k2] * g
-            acc[c + m3] += b[c + k0] * g
-            acc[c + m4] += b[c + k1] * g
-            acc[c + m5] += b[c + k2] * g
-            acc[c + m6] += d[c + k0] * g
-            acc[c + m7] += d[c + k1] * g
-            acc[c + m8] += d[c + k2] * g
+            e = dy[c + g0]
+            acc[c] += src[c + a0] * e
+            acc[c + m1] += src[c + a0 + m1] * e
+            acc[c + m2] += src[c + a0 + m2] * e
+            acc[c + m3] += src[c + b0] * e
+            acc[c + m4] += src[c + b0 + m1] * e
+            acc[c + m5] += src[c + b0 + m2] * e
+            acc[c + m6] += src[c + d0] * e
+            acc[c + m7] += src[c + d0 + m1] * e
+            acc[c + m8] += src[c + d0 + m2] * e
 
 
 @kernel(noalias=True)
-def _ring_rows(ring, held, xrows, base, H, ih, pl, C, first, last, in_center, in_k, in_shift, in_lo, in_hi):
-    """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of xrows).
+def _ring_rows(ring, held, src, row_len, base, H, ih, pl, C, first, last, in_center, in_k, in_shift, in_lo,
+               in_hi):
+    """The padded rows of input rows ih, ih + 1, ih + 2 of one image (rows base .. base + H - 1 of src, a flat array
+    of rows of row_len values), as their offsets in ring.
 
-    ring (3, (OW + 2)*C) keeps input row i in slot i % 3, input column iw at padded column iw + pl, so that
-    consecutive output rows copy one new input row each; held (3,) says which row each slot holds (base + i, or
-    -1 for a padding row: all zeros). Input columns [first, last) are copied; padded columns outside the input
-    are never written and stay zero. A non-empty in_shift (C,) maps each copied row to clip((row - in_center) *
-    in_k + in_shift, in_lo, in_hi) (:func:`_scale_act_row`) in cache: the output pass of the layer before (a
-    folded bias, or a training batch norm and its activation), deferred to this copy.
+    ring (3*L,), flat, keeps input row i in slot i % 3 (values from (i % 3)*L), input column iw at padded column
+    iw + pl, so that consecutive output rows copy one new input row each; held (3,) says which row each slot holds
+    (base + i, or -1 for a padding row: all zeros). Input columns [first, last) are copied; padded columns outside
+    the input are never written and stay zero. A non-empty in_shift (C,) maps each copied row to
+    clip((row - in_center) * in_k + in_shift, in_lo, in_hi) (:func:`_scale_act_row`) in cache: the output pass of
+    the layer before (a folded bias, or a training batch norm and its activation), deferred to this copy.
     """
+    L = ring.shape[0] // 3
     u = np.uint64
     for t in range(3):
         i = ih + t
         slot = i % 3
         key = base + i if 0 <= i < H else -1
         if held[slot] != key:
-            row = ring[slot]
+            r0 = slot * L
             if key < 0:
-                row[:] = 0.0
+                for j in range(u(r0), u(r0 + L)):
+                    ring[j] = 0.0
             elif last > first:
-                src = xrows[key]
-                d0, s0 = u((first + pl) * C), u(first * C)
+                d0, s0 = u(r0 + (first + pl) * C), u(key * row_len + first * C)
                 for j in range(u((last - first) * C)):
-                    row[d0 + j] = src[s0 + j]
+                    ring[d0 + j] = src[s0 + j]
                 if in_shift.shape[0] > 0:
-                    _scale_act_row(row[(first + pl) * C:(last + pl) * C], in_center, in_k, in_shift, in_lo, in_hi)
+                    _scale_act_row(ring, r0 + (first + pl) * C, r0 + (last + pl) * C, in_center, in_k, in_shift,
+                                   in_lo, in_hi)
             held[slot] = key
-    return ring[ih % 3], ring[(ih + 1) % 3], ring[(ih + 2) % 3]
+    return (ih % 3) * L, ((ih + 1) % 3) * L, ((ih + 2) % 3) * L
 
 
 @kernel
@@ -501,20 +522,19 @@ def _forward3x3(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_center, in_k,
     runs, each with its own ring of padded input rows (:func:`_ring_rows`); the split changes no value."""
     N, OH, OW, C = y.shape
     H, W = x.shape[1], x.shape[2]
-    yrows = y.reshape(N * OH, OW * C)
-    xrows = x.reshape(N * H, W * C)
+    yf, xf = y.reshape(-1), x.reshape(-1)
     first, last = _span3x3(W, OW, pl)
-    rows = N * OH
+    rows, L = N * OH, OW * C
     for blk in prange(blocks):
-        ring = np.zeros((3, (OW + 2) * C), y.dtype)
+        ring = np.zeros(3 * (OW + 2) * C, y.dtype)
         held = np.full(3, -1, np.int64)
         for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
             n = r // OH
-            a, b, d = _ring_rows(ring, held, xrows, n * H, H, r - n * OH - pt, pl, C, first, last, in_center, in_k,
-                                 in_shift, in_lo, in_hi)
-            _row3x3(yrows[r], a, b, d, wf, C)
+            a, b, d = _ring_rows(ring, held, xf, W * C, n * H, H, r - n * OH - pt, pl, C, first, last, in_center,
+                                 in_k, in_shift, in_lo, in_hi)
+            _row3x3(yf, r * L, ring, a, b, d, wf, C, OW)
             if bias.shape[0] > 0:
-                _bias_act_row(yrows[r], bias, act_lo, act_hi)
+                _bias_act_row(yf, r * L, (r + 1) * L, bias, act_lo, act_hi)
 
 
 @fast_sized_kernel(noalias=True)
@@ -529,24 +549,23 @@ def _weight3x3(partial, dy, x, stride, pt, pl, in_center, in_k, in_shift, in_lo,
     B = partial.shape[0]
     N, OH, OW, C = dy.shape
     H, W = x.shape[1], x.shape[2]
-    dyrows = dy.reshape(N * OH, OW * C)
-    xrows = x.reshape(N * H, W * C)
+    dyf, xf = dy.reshape(-1), x.reshape(-1)
     span = (OW - 1) * stride + 3  # padded columns the row reads
     first, last = max(0, -pl), min(W, span - pl)
-    rows = N * OH
+    rows, L = N * OH, OW * C
     for blk in prange(B):
         acc = partial[blk].reshape(9 * C)
         acc[:] = 0.0
-        ring = np.zeros((3, span * C), dy.dtype)
+        ring = np.zeros(3 * span * C, dy.dtype)
         held = np.full(3, -1, np.int64)
         for r in range(blk * rows // B, (blk + 1) * rows // B):
             n = r // OH
-            a, b, d = _ring_rows(ring, held, xrows, n * H, H, (r - n * OH) * stride - pt, pl, C, first, last,
+            a, b, d = _ring_rows(ring, held, xf, W * C, n * H, H, (r - n * OH) * stride - pt, pl, C, first, last,
                                  in_center, in_k, in_shift, in_lo, in_hi)
             if stride == 1:
-                _weight_row3x3(acc, dyrows[r], a, b, d, C)
+                _weight_row3x3(acc, dyf, r * L, ring, a, b, d, C, OW)
             else:
-                _weight_row3x3s2(acc, dyrows[r], a, b, d, C)
+                _weight_row3x3s2(acc, dyf, r * L, ring, a, b, d, C, OW)
 
 
 @parallel_kernel(noalias=True)
@@ -566,9 +585,7 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, in_center, in_k, in_shift, in_l
     B = partial.shape[0]
     N, OH, OW, C = dy.shape
     H, W = x.shape[1], x.shape[2]
-    dyrows = dy.reshape(N * OH, OW * C)
-    xrows = x.reshape(N * H, W * C)
-    dxrows = dx.reshape(N * H, W * C)
+    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     qt, ql = 2 - pt, 2 - pl  # dx is the 3x3 conv of dy with the flipped kernel and this padding
     first, last = _span3x3(OW, W, ql)
     x_first, x_last = _span3x3(W, OW, pl)
@@ -576,9 +593,9 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, in_center, in_k, in_shift, in_l
     for blk in prange(B):
         acc = partial[blk].reshape(9 * C)
         acc[:] = 0.0
-        ring = np.zeros((3, (W + 2) * C), dy.dtype)  # padded dy rows under the input-gradient taps
+        ring = np.zeros(3 * (W + 2) * C, dy.dtype)  # padded dy rows under the input-gradient taps
         held = np.full(3, -1, np.int64)
-        x_ring = np.zeros((3, (OW + 2) * C), dy.dtype)  # padded x rows under the weight-gradient taps
+        x_ring = np.zeros(3 * (OW + 2) * C, dy.dtype)  # padded x rows under the weight-gradient taps
         x_held = np.full(3, -1, np.int64)
         no_pass = in_shift[:0]  # dy rows are copied as they are
         r0, r1 = blk * rows // B, (blk + 1) * rows // B
@@ -587,80 +604,96 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, in_center, in_k, in_shift, in_l
             r = r0 + j
             if r < r1:
                 n = r // OH
-                xa, xb, xd = _ring_rows(x_ring, x_held, xrows, n * H, H, r - n * OH - pt, pl, C, x_first, x_last,
-                                        in_center, in_k, in_shift, in_lo, in_hi)
-                _weight_row3x3(acc, dyrows[r], xa, xb, xd, C)
+                xa, xb, xd = _ring_rows(x_ring, x_held, xf, W * C, n * H, H, r - n * OH - pt, pl, C, x_first,
+                                        x_last, in_center, in_k, in_shift, in_lo, in_hi)
+                _weight_row3x3(acc, dyf, r * OW * C, x_ring, xa, xb, xd, C, OW)
             i = i0 + j
             if i < i1:
                 n = i // H
-                a, b, d = _ring_rows(ring, held, dyrows, n * OH, OH, i - n * H - qt, ql, C, first, last, no_pass,
-                                     no_pass, no_pass, in_lo, in_hi)
-                _row3x3(dxrows[i], a, b, d, wf, C)
+                a, b, d = _ring_rows(ring, held, dyf, OW * C, n * OH, OH, i - n * H - qt, ql, C, first, last,
+                                     no_pass, no_pass, no_pass, in_lo, in_hi)
+                _row3x3(dxf, i * W * C, ring, a, b, d, wf, C, W)
 
 
-@fast_sized_kernel(noalias=True)
-def _forward3x3s2(y, x, wf, zero, pt, pl, blocks, bias, act_lo, act_hi, in_center, in_k, in_shift, in_lo, in_hi):
-    """Stride-2 3x3 depthwise conv, two output columns per pass. y: (N, OH, OW, C) output, written entirely;
-    x: (N, H, W, C); wf: (9*C,) weights, entry (kh*3 + kw)*C + c; zero: (W*C,) zeros; bias (C,), act_lo, act_hi:
-    the output pass of :func:`_bias_act_row`, none when bias is empty (0,); in_center, in_k, in_shift, in_lo,
-    in_hi: the input pass of :func:`_scale_act_row`, on
-    the input rows, which are then read from a ring of three copies (:func:`_ring_rows`, no padding columns)
-    instead of in place. Output rows are split into ``blocks`` runs, each with its own ring.
+@fast_kernel(noalias=True)
+def _row3x3s2(y, yo, src, a, b, d, wf, C, W, OW, pl, lo, hi):
+    """The interior of one output row of the stride-2 3x3 conv, y[yo + lo*C:yo + stop*C], from the input rows at
+    offsets a, b, d of src (W columns each, no padding columns), two columns per pass over [lo, hi): returns stop,
+    the first column it left (hi or hi - 1). The caller does the others with :func:`_column3x3`, so that this
+    function makes no call (see :func:`kernels._jit.kernel`).
 
     Output columns ow and ow + 1 read the five input columns from 2*ow - pl, the middle one shared. Two columns,
     not four as at stride 1: with four, the loop has 27 input offsets and LLVM gives up on the runtime overlap
     checks it needs before vectorizing ("too many memory checks"), and the loop ran scalar, 1.5x slower than
     the generic one.
     """
-    N, OH, OW, C = y.shape
-    H, W = x.shape[1], x.shape[2]
-    yrows = y.reshape(N * OH, OW * C)
-    xrows = x.reshape(N * H, W * C)
-    lo = min(OW, (pl + 1) // 2)  # interior: 0 <= 2*ow - pl and 2*ow - pl + 2 < W
-    hi = max(lo, min(OW, (W - 3 + pl) // 2 + 1)) if W - 3 + pl >= 0 else lo
     u = np.uint64
     Cu = u(C)
     m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
+    ow = lo
+    while ow + 2 <= hi:
+        y0 = u(yo + ow * C)
+        y1 = y0 + m1
+        k0 = u((ow * 2 - pl) * C)  # outputs t read columns 2t, 2t+1, 2t+2 of the 5 starting here
+        a0, b0, d0 = u(a) + k0, u(b) + k0, u(d) + k0
+        a1, a2, a3, a4 = a0 + m1, a0 + m2, a0 + m3, a0 + m4
+        b1, b2, b3, b4 = b0 + m1, b0 + m2, b0 + m3, b0 + m4
+        d1, d2, d3, d4 = d0 + m1, d0 + m2, d0 + m3, d0 + m4
+        for c in range(u(0), Cu):
+            v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
+            v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
+            v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
+            p0, p1, p2, p3, p4 = src[c + a0], src[c + a1], src[c + a2], src[c + a3], src[c + a4]
+            q0, q1, q2, q3, q4 = src[c + b0], src[c + b1], src[c + b2], src[c + b3], src[c + b4]
+            s0, s1, s2, s3, s4 = src[c + d0], src[c + d1], src[c + d2], src[c + d3], src[c + d4]
+            y[c + y0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
+                         + (s0 * v6 + s1 * v7 + s2 * v8))
+            y[c + y1] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
+                         + (s2 * v6 + s3 * v7 + s4 * v8))
+        ow += 2
+    return ow
+
+
+@fast_sized_kernel(noalias=True)
+def _forward3x3s2(y, x, wf, pt, pl, blocks, bias, act_lo, act_hi, in_center, in_k, in_shift, in_lo, in_hi):
+    """Stride-2 3x3 depthwise conv, two output columns per pass (:func:`_row3x3s2`). y: (N, OH, OW, C) output,
+    written entirely; x: (N, H, W, C); wf: (9*C,) weights, entry (kh*3 + kw)*C + c; bias (C,), act_lo, act_hi:
+    the output pass of :func:`_bias_act_row`, none when bias is empty (0,); in_center, in_k, in_shift, in_lo,
+    in_hi: the input pass of :func:`_scale_act_row`, on the input rows, which are then read from a ring of three
+    copies (:func:`_ring_rows`, no padding columns) instead of in place. Rows in place need all three input rows
+    inside the map; an output row that reads a padding row reads through the ring as well (it holds the zeros).
+    Output rows are split into ``blocks`` runs, each with its own ring.
+    """
+    N, OH, OW, C = y.shape
+    H, W = x.shape[1], x.shape[2]
+    yf, xf = y.reshape(-1), x.reshape(-1)
+    lo = min(OW, (pl + 1) // 2)  # interior: 0 <= 2*ow - pl and 2*ow - pl + 2 < W
+    hi = max(lo, min(OW, (W - 3 + pl) // 2 + 1)) if W - 3 + pl >= 0 else lo
     two = 2 * (OW // OW)  # the stride as a plain int, as in :func:`_row3x3`
     none = C - C  # 0 as a plain int: literal zeros made Numba compile _ring_rows a second time, for this call alone
-    rows = N * OH
+    rows, L, XL = N * OH, OW * C, W * C
     copies = in_shift.shape[0] > 0
     for blk in prange(blocks):
-        ring = np.zeros((3, W * C if copies else 0), y.dtype)
+        ring = np.zeros(3 * XL, y.dtype)
         held = np.full(3, -1, np.int64)
         for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
             n = r // OH
             ih = (r - n * OH) * 2 - pt
-            if copies:
-                a, b, d = _ring_rows(ring, held, xrows, n * H, H, ih, none, C, none, W, in_center, in_k, in_shift,
+            if copies or ih < 0 or ih + 2 >= H:
+                a, b, d = _ring_rows(ring, held, xf, XL, n * H, H, ih, none, C, none, W, in_center, in_k, in_shift,
                                      in_lo, in_hi)
+                src = ring
             else:
-                a, b, d = _three_rows(xrows, n * H, H, ih, zero)
-            yrow = yrows[r]
+                a = (n * H + ih) * XL
+                b, d = a + XL, a + 2 * XL
+                src = xf
+            stop = _row3x3s2(yf, r * L, src, a, b, d, wf, C, W, OW, pl, lo, hi)
             for ow in range(lo):
-                _column3x3(yrow, a, b, d, wf, C, W, two, pl, ow)
-            ow = lo
-            while ow + 2 <= hi:
-                o0 = u(ow * C)
-                o1 = o0 + m1
-                k0 = u((ow * 2 - pl) * C)  # outputs t read columns 2t, 2t+1, 2t+2 of the 5 starting here
-                k1, k2, k3, k4 = k0 + m1, k0 + m2, k0 + m3, k0 + m4
-                for c in range(u(0), Cu):
-                    v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
-                    v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
-                    v6, v7, v8 = wf[c + m6], wf[c + m7], wf[c + m8]
-                    p0, p1, p2, p3, p4 = a[c + k0], a[c + k1], a[c + k2], a[c + k3], a[c + k4]
-                    q0, q1, q2, q3, q4 = b[c + k0], b[c + k1], b[c + k2], b[c + k3], b[c + k4]
-                    s0, s1, s2, s3, s4 = d[c + k0], d[c + k1], d[c + k2], d[c + k3], d[c + k4]
-                    yrow[c + o0] = ((p0 * v0 + p1 * v1 + p2 * v2) + (q0 * v3 + q1 * v4 + q2 * v5)
-                                    + (s0 * v6 + s1 * v7 + s2 * v8))
-                    yrow[c + o1] = ((p2 * v0 + p3 * v1 + p4 * v2) + (q2 * v3 + q3 * v4 + q4 * v5)
-                                    + (s2 * v6 + s3 * v7 + s4 * v8))
-                ow += 2
-            for ow in range(ow, OW):
-                _column3x3(yrow, a, b, d, wf, C, W, two, pl, ow)
+                _column3x3(yf, r * L, src, a, b, d, wf, C, W, two, pl, ow)
+            for ow in range(stop, OW):
+                _column3x3(yf, r * L, src, a, b, d, wf, C, W, two, pl, ow)
             if bias.shape[0] > 0:
-                _bias_act_row(yrow, bias, act_lo, act_hi)
+                _bias_act_row(yf, r * L, (r + 1) * L, bias, act_lo, act_hi)
 
 
 # Work passed to the serial/parallel rule: two units per output value, so the kernels run on both threads from 2^18
@@ -747,8 +780,7 @@ def depthwise_forward(x, w, *, stride=1, padding="valid", bias=None, act=None, i
     if ring:
         _forward3x3(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), *out_pass, *in_pass, work=_work(y))
     elif s2:
-        _forward3x3s2(y, _expand(x, M), _flat(w), np.zeros(W * C * M, x.dtype), g.pt, g.pl, _blocks(y), *out_pass,
-                      *in_pass, work=_work(y))
+        _forward3x3s2(y, _expand(x, M), _flat(w), g.pt, g.pl, _blocks(y), *out_pass, *in_pass, work=_work(y))
     else:
         _forward(y, _expand(x, M), _tiled(w, g.ow), sh, sw, g.pt, g.pl, *out_pass, work=_work(y))
     return y
