@@ -480,3 +480,40 @@ def test_input_pass_rejects_bad_vectors():
             depthwise_forward(x, w, padding="same", **kw)
         with pytest.raises(err, match=match):
             depthwise_backward(x, x, w, padding="same", **kw)
+
+
+# The helpers the kernels call once per row (or per column), with the argument types the kernels pass (A: a
+# contiguous float32 vector, H: int64 vector, i: int, f: float32): none may take a reference to an array (Numba's
+# NRT_incref, an atomic update), which is what a row view or, in a helper that calls another function, each array
+# argument costs. They took 60% of a small map's forward before rows became offsets (see kernels.depthwise).
+_PER_ROW_HELPERS = {"_ring_rows": "A H A i i i i i i i i A A A f f", "_row3x3": "A i A i i i A i i",
+                    "_row3x3s2": "A i A i i i A i i i i i i", "_column3x3": "A i A i i i A i i i i i",
+                    "_weight_row3x3": "A A i A i i i i i", "_weight_row3x3s2": "A A i A i i i i i",
+                    "_weight_row": "A i i A i A i i i i i i i i i i",
+                    "_weight_row_cols": "A i i A i A i i i i i i i i i i",
+                    "_bias_act_row": "A i i A f f"}
+
+
+def _function_ir(module_ir, name):
+    """The LLVM IR text of one function's definition in a module's IR."""
+    at = module_ir.index(f'@"{name}"(') if f'@"{name}"(' in module_ir else module_ir.index(f"@{name}(")
+    start = module_ir.rindex("define", 0, at)
+    return module_ir[start:module_ir.index("\n}\n", start)]
+
+
+@pytest.mark.skipif(__import__("numba").config.DISABLE_JIT, reason="inspects compiled code")
+@pytest.mark.parametrize("name", sorted(_PER_ROW_HELPERS))
+def test_per_row_helpers_take_no_array_references(name):
+    import numba
+    from numba import types
+    from kernels import depthwise as dw
+    kinds = {"A": types.float32[::1], "H": types.int64[::1], "i": types.int64, "f": types.float32}
+    sig = tuple(kinds[k] for k in _PER_ROW_HELPERS[name].split())
+    cached = getattr(dw, name)
+    # a fresh build with the same options and compiler (code loaded from the on-disk cache cannot be inspected)
+    fresh = numba.njit(**{k: v for k, v in cached.targetoptions.items() if k != "nopython"},
+                       pipeline_class=cached._compiler.pipeline_class)(cached.py_func)
+    fresh.compile(sig)
+    body = _function_ir(fresh.inspect_llvm(sig), fresh.overloads[sig].fndesc.llvm_func_name)
+    calls = [line.strip() for line in body.splitlines() if "call" in line and "@NRT_incref" in line]
+    assert not calls, f"{name} takes {len(calls)} array references per call: {calls[:1]}"
