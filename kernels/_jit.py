@@ -91,9 +91,10 @@ def parallel_kernel(fn=None, *, noalias=False):
     return _decorator(JIT_OPTIONS, fn, noalias, parallel=True)
 
 
-def fast_kernel(fn=None, *, noalias=False):
-    """Compile ``fn`` as a serial Numba kernel that may contract a*b + c into FMAs."""
-    return _decorator(FAST_OPTIONS, fn, noalias)
+def fast_kernel(fn=None, *, noalias=False, inline=False):
+    """Compile ``fn`` as a serial Numba kernel that may contract a*b + c into FMAs (``inline`` as for
+    :func:`kernel`)."""
+    return _decorator(FAST_OPTIONS, fn, noalias, **({"inline": "always"} if inline else {}))
 
 
 def fast_parallel_kernel(fn=None, *, noalias=False):

@@ -297,6 +297,14 @@ def _channel_offsets(C):
     return u(C), u(2 * C), u(3 * C), u(4 * C), u(5 * C), u(6 * C), u(7 * C), u(8 * C)
 
 
+@kernel(inline=True)
+def _six_columns(k, C):
+    """The offsets of six consecutive columns of C channels from offset k (unsigned): what four output columns of a
+    stride-1 3x3 row read in one input row."""
+    u = np.uint64
+    return k, k + u(C), k + u(2 * C), k + u(3 * C), k + u(4 * C), k + u(5 * C)
+
+
 @fast_kernel(noalias=True)
 def _column3x3(y, yo, src, a, b, d, wf, C, W, sw, pl, ow):
     """y[yo + ow*C:yo + (ow+1)*C] = the 3x3 sum at output column ow (column stride sw) of the output row at yo, from
@@ -334,12 +342,9 @@ def _row3x3(y, yo, src, a, b, d, wf, C, OW):
         o0 = u(ow * C)  # output j reads padded columns j, j+1, j+2 of the 6 starting at the same offset
         y0 = u(yo) + o0
         y1, y2, y3 = y0 + m1, y0 + m2, y0 + m3
-        a0 = u(a) + o0
-        a1, a2, a3, a4, a5 = a0 + m1, a0 + m2, a0 + m3, a0 + m4, a0 + m5
-        b0 = u(b) + o0
-        b1, b2, b3, b4, b5 = b0 + m1, b0 + m2, b0 + m3, b0 + m4, b0 + m5
-        d0 = u(d) + o0
-        d1, d2, d3, d4, d5 = d0 + m1, d0 + m2, d0 + m3, d0 + m4, d0 + m5
+        a0, a1, a2, a3, a4, a5 = _six_columns(u(a) + o0, C)
+        b0, b1, b2, b3, b4, b5 = _six_columns(u(b) + o0, C)
+        d0, d1, d2, d3, d4, d5 = _six_columns(u(d) + o0, C)
         for c in range(u(0), Cu):
             v0, v1, v2 = wf[c], wf[c + m1], wf[c + m2]
             v3, v4, v5 = wf[c + m3], wf[c + m4], wf[c + m5]
@@ -365,6 +370,26 @@ def _row3x3(y, yo, src, a, b, d, wf, C, OW):
                          + (src[c + d0] * wf[c + m6] + src[c + d0 + m1] * wf[c + m7] + src[c + d0 + m2] * wf[c + m8]))
 
 
+@fast_kernel(noalias=True, inline=True)  # into the two row helpers, which then make no call (kernels._jit.kernel)
+def _weight_col3x3(acc, dy, g, src, a, b, d, C):
+    """acc (9*C,) += the nine weight-gradient terms of one output column, dy[g:g + C], whose taps read the three
+    consecutive columns from offsets a, b, d of src (unsigned): the last columns of :func:`_weight_row3x3` and
+    :func:`_weight_row3x3s2`, one at a time."""
+    u = np.uint64
+    m1, m2, m3, m4, m5, m6, m7, m8 = _channel_offsets(C)
+    for c in range(u(0), u(C)):
+        e = dy[c + g]
+        acc[c] += src[c + a] * e
+        acc[c + m1] += src[c + a + m1] * e
+        acc[c + m2] += src[c + a + m2] * e
+        acc[c + m3] += src[c + b] * e
+        acc[c + m4] += src[c + b + m1] * e
+        acc[c + m5] += src[c + b + m2] * e
+        acc[c + m6] += src[c + d] * e
+        acc[c + m7] += src[c + d + m1] * e
+        acc[c + m8] += src[c + d + m2] * e
+
+
 @fast_kernel(noalias=True)
 def _weight_row3x3(acc, dy, go, src, a, b, d, C, OW):
     """acc (9*C,) += the stride-1 3x3 weight-gradient terms of one output row, entry (kh*3 + kw)*C + c: the row is
@@ -381,12 +406,9 @@ def _weight_row3x3(acc, dy, go, src, a, b, d, C, OW):
         o0 = u(ow * C)  # dy columns ow..ow+3 pair with padded columns ow+j+kw
         g0 = u(go) + o0
         g1, g2, g3 = g0 + m1, g0 + m2, g0 + m3
-        a0 = u(a) + o0
-        a1, a2, a3, a4, a5 = a0 + m1, a0 + m2, a0 + m3, a0 + m4, a0 + m5
-        b0 = u(b) + o0
-        b1, b2, b3, b4, b5 = b0 + m1, b0 + m2, b0 + m3, b0 + m4, b0 + m5
-        d0 = u(d) + o0
-        d1, d2, d3, d4, d5 = d0 + m1, d0 + m2, d0 + m3, d0 + m4, d0 + m5
+        a0, a1, a2, a3, a4, a5 = _six_columns(u(a) + o0, C)
+        b0, b1, b2, b3, b4, b5 = _six_columns(u(b) + o0, C)
+        d0, d1, d2, d3, d4, d5 = _six_columns(u(d) + o0, C)
         for c in range(u(0), Cu):
             e0, e1, e2, e3 = dy[c + g0], dy[c + g1], dy[c + g2], dy[c + g3]
             p0, p1, p2, p3, p4, p5 = src[c + a0], src[c + a1], src[c + a2], src[c + a3], src[c + a4], src[c + a5]
@@ -404,18 +426,7 @@ def _weight_row3x3(acc, dy, go, src, a, b, d, C, OW):
         ow += 4
     for ow in range(ow, OW):
         o0 = u(ow * C)
-        g0, a0, b0, d0 = u(go) + o0, u(a) + o0, u(b) + o0, u(d) + o0
-        for c in range(u(0), Cu):
-            e = dy[c + g0]
-            acc[c] += src[c + a0] * e
-            acc[c + m1] += src[c + a0 + m1] * e
-            acc[c + m2] += src[c + a0 + m2] * e
-            acc[c + m3] += src[c + b0] * e
-            acc[c + m4] += src[c + b0 + m1] * e
-            acc[c + m5] += src[c + b0 + m2] * e
-            acc[c + m6] += src[c + d0] * e
-            acc[c + m7] += src[c + d0 + m1] * e
-            acc[c + m8] += src[c + d0 + m2] * e
+        _weight_col3x3(acc, dy, u(go) + o0, src, u(a) + o0, u(b) + o0, u(d) + o0, C)
 
 
 @fast_kernel(noalias=True)
@@ -454,20 +465,8 @@ def _weight_row3x3s2(acc, dy, go, src, a, b, d, C, OW):
             acc[c + m8] += (p2 * e0 + p4 * e1) + (p6 * e2 + p8 * e3)
         ow += 4
     for ow in range(ow, OW):
-        g0 = u(go) + u(ow * C)
         k0 = u(2 * ow * C)
-        a0, b0, d0 = u(a) + k0, u(b) + k0, u(d) + k0
-        for c in range(u(0), Cu):
-            e = dy[c + g0]
-            acc[c] += src[c + a0] * e
-            acc[c + m1] += src[c + a0 + m1] * e
-            acc[c + m2] += src[c + a0 + m2] * e
-            acc[c + m3] += src[c + b0] * e
-            acc[c + m4] += src[c + b0 + m1] * e
-            acc[c + m5] += src[c + b0 + m2] * e
-            acc[c + m6] += src[c + d0] * e
-            acc[c + m7] += src[c + d0 + m1] * e
-            acc[c + m8] += src[c + d0 + m2] * e
+        _weight_col3x3(acc, dy, u(go) + u(ow * C), src, u(a) + k0, u(b) + k0, u(d) + k0, C)
 
 
 @kernel(noalias=True)
