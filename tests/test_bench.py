@@ -153,7 +153,32 @@ def test_model_validation_profile_and_blocks_on_a_tiny_case(workers):
     assert set(infer["ours_times"]) == {"plain", bm.FOLDED}
     assert infer["ours"] == min(infer["ours_times"].values())
     assert len(bm.speed_row(infer)) == len(bm.SPEED_HEADERS) == len(bm.speed_row(r))
+    for res in (r, infer):  # the GEMM floor is timed in our worker, and bounds the ratio
+        assert 0 < res["floor"] < res["ours"] * 3 and res["ceiling"] == res["torch"][res["best"]] / res["floor"]
     assert not tc.call(h.imported, "torch")
+
+
+def test_gemm_floor_does_the_products_of_every_gemm_layer():
+    """The floor's products carry exactly the mult-adds of the layers that are GEMMs (all but the depthwise convs):
+    once for inference; for training once more for the weight gradients, and once more for the input gradients
+    but the first layer's. And the callable computes what the products say."""
+    from tinyconv.layers import DepthwiseConv2D
+    case = bm.Case("train", 0.25, 32, 4, 3, 5, 0.1, None)
+    model = bm.build_ours(case)
+    shapes = model.layer_shapes((32, 32, 3))
+    gemm_macs = sum(layer.macs(s) for layer, s, _ in shapes if not isinstance(layer, DepthwiseConv2D)) * case.batch
+    first = shapes[0][0].macs(shapes[0][1]) * case.batch
+
+    def macs(products, kind=""):
+        return sum(m * k * n for m, k, n, what in products if what.endswith(kind))
+    infer = bm.gemm_products(model, case._replace(mode="infer"))
+    train = bm.gemm_products(model, case)
+    assert macs(infer) == gemm_macs and len(infer) == 15  # conv1, 13 pointwise, the classifier
+    assert macs(train, "forward") == macs(train, "weight gradient") == gemm_macs
+    assert macs(train, "input gradient") == gemm_macs - first and len(train) == 3 * 15 - 1
+    assert {what.split()[0] for *_, what in infer} == {layer.name for layer, s, _ in shapes
+                                                       if layer.macs(s) and not isinstance(layer, DepthwiseConv2D)}
+    bm.gemm_floor(model, case)()  # every product's operands fit its buffers (a wrong reshape raises)
 
 
 def test_model_profile_in_process_on_a_tiny_case():
