@@ -137,7 +137,8 @@ def test_3x3_stride1_fast_path_matches_oracle(H, W, C, M, padding, threads):
        seed=st.integers(0, 2**16))
 def test_3x3_stride1_kernel_over_geometry(N, H, W, C, padding, blocks, seed):
     """Every geometry the stride-1 3x3 kernel serves: the oracle's values, and the same bits whatever the number
-    of row blocks (each block fills its own ring; the split is a matter of threads, not of results)."""
+    of row blocks (each block fills its own ring; the split is a matter of threads, not of results) and whether
+    rows are computed in a buffer first (the large maps' way)."""
     from kernels import depthwise
     from kernels.geometry import conv_geometry
     try:
@@ -148,13 +149,14 @@ def test_3x3_stride1_kernel_over_geometry(N, H, W, C, padding, blocks, seed):
     x, w = rng.standard_normal((N, H, W, C)), rng.standard_normal((3, 3, C, 1))
     want = oracle.depthwise_forward(x, w, stride=1, padding=padding)
     runs = []
-    for nblk in (1, blocks):
+    for nblk, buffered in ((1, False), (blocks, False), (blocks, True)):
         y = np.empty((N, g.oh, g.ow, C))
-        depthwise._forward3x3.serial(y, x, depthwise._flat(w), g.pt, g.pl, nblk,
+        depthwise._forward3x3.serial(y, x, depthwise._flat(w), g.pt, g.pl, nblk, buffered,
                                      *depthwise._NO_PASS[np.float64], *depthwise._NO_IN_PASS[np.float64])
         runs.append(y)
     assert_close(runs[0], want, rtol=1e-12, name="y")
-    np.testing.assert_array_equal(runs[0], runs[1])
+    for y in runs[1:]:
+        np.testing.assert_array_equal(y, runs[0])
 
 
 @pytest.mark.parametrize("N, H, W, C, padding", [
@@ -166,11 +168,14 @@ def test_3x3_stride1_kernel_over_geometry(N, H, W, C, padding, blocks, seed):
     (4, 6, 6, 8, "same"),        # the narrowest maps: one pass of four columns, then single ones
     (2, 5, 4, 256, "valid"),     # two output columns, each a single one, many channels
 ])
-def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding, monkeypatch):
-    """depthwise_backward's one-pass stride-1 3x3 kernel against the two separate gradient calls and the oracle."""
+@pytest.mark.parametrize("buffered", [False, True])
+def test_fused_backward_equals_the_two_gradients_bit_for_bit(N, H, W, C, padding, buffered, monkeypatch):
+    """depthwise_backward's one-pass stride-1 3x3 kernel against the two separate gradient calls and the oracle,
+    with dx rows written in place or (as on large maps) through a row buffer."""
     from kernels import _jit, depthwise
     assert depthwise._use_3x3(3, 3, 1, 1, W)
     monkeypatch.setattr(_jit, "PARALLEL_MIN_WORK", 0)  # these small maps take the fused kernel too
+    monkeypatch.setattr(depthwise, "_MIN_BUFFERED_BYTES", 0 if buffered else 1 << 62)
     fused, calls = depthwise._backward3x3, []
     monkeypatch.setattr(depthwise, "_backward3x3", lambda *a: calls.append(1) or fused(*a))
     rng = np.random.default_rng(N * H * W + C)
@@ -267,10 +272,12 @@ def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, stride, padding, 
     assert_close(dw, oracle.depthwise_backward_weight(dy, x, w.shape, **kw), rtol=1e-12, name="dw")
     np.testing.assert_array_equal(depthwise_backward_weight(dy, x, w.shape, **kw), dw)
     if stride == 1:
-        fused, dx = np.empty_like(partial), np.empty_like(x)
-        depthwise._backward3x3(dx, fused, dy, x, depthwise._flat(w[::-1, ::-1]), g.pt, g.pl, *no_pass)
-        np.testing.assert_array_equal(fused, partial)
-        assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, **kw), rtol=1e-12, name="dx")
+        for buffered in (False, True):  # dx rows in place, or through a row buffer
+            fused, dx = np.empty_like(partial), np.empty_like(x)
+            depthwise._backward3x3(dx, fused, dy, x, depthwise._flat(w[::-1, ::-1]), g.pt, g.pl, buffered,
+                                   *no_pass)
+            np.testing.assert_array_equal(fused, partial)
+            assert_close(dx, oracle.depthwise_backward_input(dy, w, x.shape, **kw), rtol=1e-12, name="dx")
 
 
 @pytest.mark.parametrize("stride, padding", [(1, "same"), (2, "same"), (2, "valid"), ((1, 2), (2, 1))])
@@ -368,10 +375,18 @@ def test_output_pass_is_bitwise_the_plain_forward_then_bias_act(case, act, with_
     assert_close(got, ref, rtol=1e-12 if dtype == np.float64 else 1e-5, name="y")
 
 
-@pytest.mark.parametrize("shape, stride", [((32, 16, 16, 32), 1), ((32, 16, 16, 32), 2), ((4, 2, 2, 64), 1)])
-def test_output_pass_on_parallel_maps_and_relu6(shape, stride):
-    """Large enough to run on every thread: the parallel builds apply the pass to each of their rows."""
+@pytest.mark.parametrize("shape, stride, buffered", [((32, 16, 16, 32), 1, False), ((32, 16, 16, 32), 1, True),
+                                                      ((32, 16, 16, 32), 2, False), ((4, 2, 2, 64), 1, False),
+                                                      ((32, 64, 64, 32), 1, None)])
+def test_output_pass_on_parallel_maps_and_relu6(shape, stride, buffered, monkeypatch):
+    """Large enough to run on every thread: the parallel builds apply the pass to each of their rows, written in
+    place or through a row buffer (None: by the size rule, a 16 MiB output that takes the buffer)."""
+    from kernels import depthwise
     from kernels.batchnorm import bias_act_forward
+    if buffered is not None:
+        monkeypatch.setattr(depthwise, "_MIN_BUFFERED_BYTES", 0 if buffered else 1 << 62)
+    else:
+        assert depthwise._buffered(np.empty(shape, np.float32))
     rng = np.random.default_rng(1)
     x = rng.standard_normal(shape).astype(np.float32) * 4
     w = rng.standard_normal((3, 3, shape[3], 1)).astype(np.float32)
