@@ -654,7 +654,7 @@ def _kernel_modules():
     import pkgutil
     import kernels
     return [importlib.import_module(f"kernels.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)
-            if not m.name.startswith("_") and m.name != "geometry"]
+            if not m.name.startswith("_") and m.name not in ("geometry", "warmup")]
 
 
 def cold_child():
