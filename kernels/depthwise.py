@@ -504,9 +504,10 @@ def _ring_rows(ring, held, src, row_len, base, H, ih, pl, C, first, last, in_cen
     return (ih % 3) * L, ((ih + 1) % 3) * L, ((ih + 2) % 3) * L
 
 
-@kernel(inline=True)
+@kernel(noalias=True)
 def _copy_row(y, start, row, L):
-    """y[start:start + L] = row[:L], y flat: a finished output row leaves its buffer in one run of stores."""
+    """y[start:start + L] = row[:L], y flat: a finished output row leaves its buffer in one run of stores. Not
+    inlined: one compiled copy serves every kernel that buffers its rows (as fast, measured)."""
     u = np.uint64
     o = u(start)
     for j in range(u(L)):

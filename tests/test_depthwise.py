@@ -506,7 +506,7 @@ _PER_ROW_HELPERS = {"_ring_rows": "A H A i i i i i i i i A A A f f", "_row3x3": 
                     "_weight_row3x3": "A A i A i i i i i", "_weight_row3x3s2": "A A i A i i i i i",
                     "_weight_row": "A i i A i A i i i i i i i i i i",
                     "_weight_row_cols": "A i i A i A i i i i i i i i i i",
-                    "_bias_act_row": "A i i A f f"}
+                    "_bias_act_row": "A i i A f f", "_copy_row": "A i A i"}
 
 
 def _function_ir(module_ir, name):
