@@ -541,17 +541,19 @@ def _forward3x3(y, x, wf, pt, pl, blocks, buffered, bias, act_lo, act_hi, in_cen
         ring = np.zeros(3 * (OW + 2) * C, y.dtype)
         held = np.full(3, -1, np.int64)
         row = np.empty(L if buffered else 0, y.dtype)
-        dst = row if buffered else yf
         for r in range(blk * rows // blocks, (blk + 1) * rows // blocks):
             n = r // OH
             a, b, d = _ring_rows(ring, held, xf, W * C, n * H, H, r - n * OH - pt, pl, C, first, last, in_center,
                                  in_k, in_shift, in_lo, in_hi)
-            o = 0 if buffered else r * L
-            _row3x3(dst, o, ring, a, b, d, wf, C, OW)
-            if bias.shape[0] > 0:
-                _bias_act_row(dst, o, o + L, bias, act_lo, act_hi)
             if buffered:
+                _row3x3(row, 0, ring, a, b, d, wf, C, OW)
+                if bias.shape[0] > 0:
+                    _bias_act_row(row, 0, L, bias, act_lo, act_hi)
                 _copy_row(yf, r * L, row, L)
+            else:  # as it was before rows had a buffer: one pointer, known offsets (a shared path ran 4% slower)
+                _row3x3(yf, r * L, ring, a, b, d, wf, C, OW)
+                if bias.shape[0] > 0:
+                    _bias_act_row(yf, r * L, (r + 1) * L, bias, act_lo, act_hi)
 
 
 @fast_sized_kernel(noalias=True)
@@ -617,7 +619,6 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, buffered, in_center, in_k, in_s
         x_held = np.full(3, -1, np.int64)
         no_pass = in_shift[:0]  # dy rows are copied as they are
         row = np.empty(W * C if buffered else 0, dy.dtype)
-        dst = row if buffered else dxf
         r0, r1 = blk * rows // B, (blk + 1) * rows // B
         i0, i1 = blk * in_rows // B, (blk + 1) * in_rows // B
         for j in range(max(r1 - r0, i1 - i0)):
@@ -632,9 +633,11 @@ def _backward3x3(dx, partial, dy, x, wf, pt, pl, buffered, in_center, in_k, in_s
                 n = i // H
                 a, b, d = _ring_rows(ring, held, dyf, OW * C, n * OH, OH, i - n * H - qt, ql, C, first, last,
                                      no_pass, no_pass, no_pass, in_lo, in_hi)
-                _row3x3(dst, 0 if buffered else i * W * C, ring, a, b, d, wf, C, W)
                 if buffered:
+                    _row3x3(row, 0, ring, a, b, d, wf, C, W)
                     _copy_row(dxf, i * W * C, row, W * C)
+                else:
+                    _row3x3(dxf, i * W * C, ring, a, b, d, wf, C, W)
 
 
 @fast_kernel(noalias=True)
