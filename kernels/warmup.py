@@ -117,6 +117,13 @@ def names():
     return [name for name, _ in calls()]
 
 
+def check_names(wanted, known):
+    """Raise ValueError naming the entries of ``wanted`` that are not in ``known`` (the entries' names)."""
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise ValueError(f"no warm-up entry named {unknown}; the entries are {list(known)}")
+
+
 def run(names=None, dtype=np.float32):
     """Run the entries named in ``names`` (default: all) twice: once as they are, which on tiny inputs picks the
     serial build of each size-dispatched kernel, then with the parallel rule forced (``_jit.PARALLEL_MIN_WORK``
@@ -127,9 +134,7 @@ def run(names=None, dtype=np.float32):
     import time
     entries = calls(dtype)
     if names is not None:
-        unknown = sorted(set(names) - {name for name, _ in entries})
-        if unknown:
-            raise ValueError(f"no warm-up entry named {unknown}; the entries are {[n for n, _ in entries]}")
+        check_names(names, [name for name, _ in entries])
         entries = [(name, call) for name, call in entries if name in set(names)]
     times = {}
     for name, call in entries:

@@ -43,9 +43,7 @@ def precompile(dtypes=("float32",), jobs=None, names=None):
     from kernels import warmup
     known = warmup.names()
     if names is not None:
-        unknown = sorted(set(names) - set(known))
-        if unknown:
-            raise ValueError(f"no warm-up entry named {unknown}; the entries are {known}")
+        warmup.check_names(names, known)  # before any process starts
     # Heaviest first (warmup's order), each entry in every dtype before the next entry.
     tasks = [(name, d) for name in known if names is None or name in names for d in dict.fromkeys(dtypes)]
     start = time.perf_counter()
