@@ -77,3 +77,9 @@ def test_precompile_fills_the_cache_a_fresh_process_then_loads(tmp_path):
     assert proc.stdout.strip() == str(sorted((n, "float32") for n in entries))
     assert compiles(env) == 0  # everything loaded from what the pool wrote
     assert compiles({**env, "NUMBA_CACHE_DIR": str(tmp_path / "empty")}) > 0  # the count does see compiles
+
+
+def test_default_pool_is_one_process_per_core_within_a_cap(monkeypatch):
+    for cores, want in ((None, 1), (1, 1), (2, 2), (64, precompile.MAX_DEFAULT_JOBS)):
+        monkeypatch.setattr(precompile.os, "cpu_count", lambda cores=cores: cores)
+        assert precompile.default_jobs() == want

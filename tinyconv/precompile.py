@@ -10,7 +10,7 @@ the cores. ``scripts/setup`` runs it after installing.
 Processes that compile the same helper write the same cache entry; Numba writes each file to a temporary name
 and renames it, so they never corrupt one another (at worst an entry is compiled twice).
 
-    python -m tinyconv.precompile                      # float32, one process per core
+    python -m tinyconv.precompile                      # float32, one process per core (at most 8)
     python -m tinyconv.precompile --dtype float32 float64 --jobs 4
 """
 import argparse
@@ -21,6 +21,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 DTYPES = ("float32", "float64")
+# Default pool size: one process per core, but no more than this: each process holds Numba and LLVM (~150 MB while
+# compiling), and with ~45 first calls per dtype, more processes mostly compile the same shared helpers again.
+MAX_DEFAULT_JOBS = 8
+
+
+def default_jobs():
+    """One process per core, at most :data:`MAX_DEFAULT_JOBS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_JOBS))
 
 
 def _compile(name, dtype):
@@ -30,14 +38,14 @@ def _compile(name, dtype):
 
 
 def precompile(dtypes=("float32",), jobs=None, names=None):
-    """Compile (or load from the cache) every kernel for each of ``dtypes``, on ``jobs`` processes (default: one
-    per core); ``names``: only these entries of :func:`kernels.warmup.names`. Returns (wall seconds,
+    """Compile (or load from the cache) every kernel for each of ``dtypes``, on ``jobs`` processes (default:
+    :func:`default_jobs`); ``names``: only these entries of :func:`kernels.warmup.names`. Returns (wall seconds,
     {(name, dtype): seconds of that entry in its process})."""
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {d!r}")
     if jobs is None:
-        jobs = os.cpu_count() or 1
+        jobs = default_jobs()
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     from kernels import warmup
@@ -64,11 +72,12 @@ def main(argv=None):
                                             "core.")
     p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32"],
                    help="the dtypes to compile for (training uses float32; the tests use both)")
-    p.add_argument("--jobs", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help=f"processes (default: one per core, at most {MAX_DEFAULT_JOBS})")
     args = p.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs must be a positive int, got {args.jobs}")
-    jobs = args.jobs or os.cpu_count() or 1
+    jobs = args.jobs or default_jobs()
     wall, times = precompile(tuple(args.dtype), jobs)
     print(f"precompile: {len(times)} first calls ({', '.join(dict.fromkeys(args.dtype))}) in {wall:.1f} s on "
           f"{jobs} process{'es' if jobs > 1 else ''} ({sum(times.values()):.1f} s of work in them; a second run "
