@@ -153,8 +153,8 @@ def test_model_validation_profile_and_blocks_on_a_tiny_case(workers):
     assert set(infer["ours_times"]) == {"plain", bm.FOLDED}
     assert infer["ours"] == min(infer["ours_times"].values())
     assert len(bm.speed_row(infer)) == len(bm.SPEED_HEADERS) == len(bm.speed_row(r))
-    for res in (r, infer):  # the GEMM floor is timed in our worker, and bounds the ratio
-        assert 0 < res["floor"] < res["ours"] * 3 and res["ceiling"] == res["torch"][res["best"]] / res["floor"]
+    for res in (r, infer):  # the GEMM floor is timed in our worker (never compared with a time: one sample here)
+        assert res["floor"] > 0 and res["ceiling"] == res["torch"][res["best"]] / res["floor"]
     assert not tc.call(h.imported, "torch")
 
 
