@@ -249,7 +249,8 @@ def test_3x3_stride2_forward_matches_oracle(H, W, C, M, padding, threads):
        stride=st.sampled_from([1, 2]),
        padding=st.sampled_from(["same", "valid", 0, 1, 2, 3, (2, 0), (0, 3)]), seed=st.integers(0, 2**16))
 def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, stride, padding, seed):
-    """The 3x3 weight gradient four columns at a time from padded rows (:func:`_weight3x3`, stride 1 or 2): the
+    """The 3x3 weight gradient four columns at a time from padded rows (:func:`_weight3x3`, stride 1 or 2; at
+    stride 1 two rows at a time where a block allows, else one): the
     oracle's values on every geometry it serves (tail columns, padding wider than the kernel, odd sizes), what
     the public call returns, and at stride 1 the same bits as the fused backward pass, which accumulates the same
     rows the same way."""
@@ -504,6 +505,7 @@ def test_input_pass_rejects_bad_vectors():
 _PER_ROW_HELPERS = {"_ring_rows": "A H A i i i i i i i i A A A f f", "_row3x3": "A i A i i i A i i",
                     "_row3x3s2": "A i A i i i A i i i i i i", "_column3x3": "A i A i i i A i i i i i",
                     "_weight_row3x3": "A A i A i i i i i", "_weight_row3x3s2": "A A i A i i i i i",
+                    "_weight_rows3x3": "A A i A i i i i i i",
                     "_weight_row": "A i i A i A i i i i i i i i i i",
                     "_weight_row_cols": "A i i A i A i i i i i i i i i i",
                     "_bias_act_row": "A i i A f f", "_copy_row": "A i A i"}
