@@ -60,16 +60,23 @@ _MIN_CHANNELS_WEIGHT_COLS = 256
 # 128x16x16x16 level; on 4x4 maps 0.73-0.85x as a separate pass but 1.10x (128x4x4x128) and 0.85x (32x4x4x1024)
 # inside the fused pass, where training runs them. Keeping the other accumulators in the fused kernel as well
 # pushed the cold compile of all kernels to 44-45 s. Stride 2, from 8 output columns (input sizes):
-# 1x112x112x64 1.96x, 32x64x64x64 1.65x, 32x32x32x128 1.48x, 128x16x16x32 1.26x, 32x16x16x256 1.23x; 0.79-1.04x
-# at 4 columns.
+# 1x112x112x64 1.96x, 32x64x64x64 1.65x, 32x32x32x128 1.48x, 128x16x16x32 1.26x, 32x16x16x256 1.23x. From 4
+# output columns where the generic loops would tile their accumulators along the row (fewer than
+# _MIN_CHANNELS_WEIGHT_COLS channels), measured in round 18, kernels alone: 128x8x8x64 1.19x and 1.38x, 32x8x8x128
+# 1.28x, 128x8x8x128 1.23x, 128x8x8x32 1.10x, 128x8x8x16 2.45x; level with the per-column loops at 256-384
+# channels, 0.90-0.95x at 32x8x8x512; 0.55-0.82x at 2 columns. (In round 13: 0.79-1.04x at 4 columns.)
 _MIN_WIDTH_WEIGHT_3X3_S2 = 8
+_MIN_WIDTH_WEIGHT_3X3_S2_TILED = 4
 
 
-def _use_weight3x3(KH, KW, sh, sw, in_width, out_width):
+def _use_weight3x3(KH, KW, sh, sw, in_width, out_width, channels):
     """Whether the weight gradient takes :func:`_weight3x3`: at stride 1 exactly where :func:`depthwise_backward`
-    may take the fused pass (input rows at least 4 wide), at stride 2 from 8 output columns."""
-    return _use_3x3(KH, KW, sh, sw, in_width) or (_use_3x3_s2(KH, KW, sh, sw, out_width)
-                                                  and out_width >= _MIN_WIDTH_WEIGHT_3X3_S2)
+    may take the fused pass (input rows at least 4 wide), at stride 2 from 8 output columns, or from 4 with fewer
+    than :data:`_MIN_CHANNELS_WEIGHT_COLS` channels (C*M)."""
+    if _use_3x3(KH, KW, sh, sw, in_width):
+        return True
+    least = _MIN_WIDTH_WEIGHT_3X3_S2 if channels >= _MIN_CHANNELS_WEIGHT_COLS else _MIN_WIDTH_WEIGHT_3X3_S2_TILED
+    return _use_3x3_s2(KH, KW, sh, sw, out_width) and out_width >= least
 
 
 _W_LEGEND = "(KH, KW, C, M)"
@@ -1037,7 +1044,7 @@ def depthwise_backward(dy, x, w, *, stride=1, padding="valid", need_dx=True, in_
     _check_dy(dy, (N, g.oh, g.ow, C * M), "(N, OH, OW, C*M)")
     check_same_dtype(dy=dy, x=x, w=w)
     in_pass = _in_pass_args(in_center, in_scale, in_bias, in_act, C, x.dtype)
-    if in_pass[2].size and not (M == 1 and _use_weight3x3(KH, KW, sh, sw, W, g.ow)):
+    if in_pass[2].size and not (M == 1 and _use_weight3x3(KH, KW, sh, sw, W, g.ow, C)):
         x, in_pass = _apply_in_pass(x, in_pass, in_act)  # no row copy to apply it in
     if not (need_dx and M == 1 and _use_3x3(KH, KW, sh, sw, W) and _work(dy) >= _jit.PARALLEL_MIN_WORK):
         dw = _weight_gradient(dy, x, w.shape, g, sh, sw, in_pass)  # arguments validated once, above
@@ -1078,7 +1085,7 @@ def _weight_gradient(dy, x, w_shape, g, sh, sw, in_pass):
     forward's input pass (:func:`_in_pass_args`), non-empty only where the blocked kernel applies it."""
     N = x.shape[0]
     KH, KW, C, M = w_shape
-    blocked = _use_weight3x3(KH, KW, sh, sw, x.shape[2], g.ow)
+    blocked = _use_weight3x3(KH, KW, sh, sw, x.shape[2], g.ow, C * M)
     partial, per_column = _weight_partials(N * g.oh, KH, KW, g.ow, C * M, dy.dtype, blocked=blocked)
     if blocked:
         _weight3x3(partial, np.ascontiguousarray(dy), _expand(x, M), sh, g.pt, g.pl, *in_pass, work=_work(dy))

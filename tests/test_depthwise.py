@@ -220,6 +220,11 @@ def test_3x3_fast_path_is_not_used_where_it_measured_slower():
     assert not depthwise._use_3x3_s2(3, 3, 2, 2, 2)      # two output columns: the tiled loops win
     assert not depthwise._use_3x3_s2(3, 3, 2, 1, 64)     # mixed strides
     assert not depthwise._use_3x3_s2(5, 5, 2, 2, 64)
+    # the blocked weight gradient at stride 2: from 8 output columns, from 4 where the generic loops would tile
+    assert depthwise._use_weight3x3(3, 3, 2, 2, 8, 4, 64)
+    assert not depthwise._use_weight3x3(3, 3, 2, 2, 8, 4, depthwise._MIN_CHANNELS_WEIGHT_COLS)
+    assert depthwise._use_weight3x3(3, 3, 2, 2, 16, 8, depthwise._MIN_CHANNELS_WEIGHT_COLS)
+    assert not depthwise._use_weight3x3(3, 3, 2, 2, 4, 2, 64)
 
 
 @pytest.mark.parametrize("H, W, C, M, padding", [
@@ -260,7 +265,7 @@ def test_blocked_3x3_weight_gradient_over_geometry(N, H, W, C, stride, padding, 
         g = conv_geometry(H, W, (3, 3), stride, padding)
     except ValueError:  # no output pixel: rejected before any kernel
         assume(False)
-    assume(depthwise._use_weight3x3(3, 3, stride, stride, W, g.ow))
+    assume(depthwise._use_weight3x3(3, 3, stride, stride, W, g.ow, C))
     rng = np.random.default_rng(seed)
     x, w = rng.standard_normal((N, H, W, C)), rng.standard_normal((3, 3, C, 1))
     dy = rng.standard_normal((N, g.oh, g.ow, C))
