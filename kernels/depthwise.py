@@ -444,8 +444,9 @@ def _weight_rows3x3(acc, dy, go, src, a, b, d, e, C, OW):
 
     Four columns of both rows per pass, and each of the nine sums goes into acc once for the pair: acc's loads and
     stores, 18 per pass of one row, fall to 9 per pass of two, and the two middle input rows are loaded once for
-    both. Measured against one row per pass (2 threads, stride 1, float32): 1.16-1.63x over the MobileNet shapes
-    (32x4x4x1024 0.59 -> 0.36 ms, 128x16x16x16 0.37 -> 0.28 ms). Three rows per pass were no faster (0.96-1.09x).
+    both. Measured against one row per pass, the two versions alternating in one process (2 threads, stride 1,
+    float32): the weight gradient 1.00-1.14x over the MobileNet shapes, the fused backward 1.02-1.13x (32x4x4x1024
+    1.26x and 1.42x), 0.97-0.99x at 32x32x32x128. Three rows per pass were no faster (0.96-1.09x against two).
     The sums are added in another order than row by row, so the bits differ from that; every caller pairs the same
     rows (:func:`_weight_pairs`)."""
     u = np.uint64
@@ -543,10 +544,10 @@ def _ring_rows(ring, held, src, row_len, base, H, ih, pl, C, first, last, in_cen
     iw + pl, so that consecutive output rows copy one new input row each; held (S,) says which row each slot holds
     (base + i, or -1 for a padding row: all zeros). S is 3, or 4 for a weight gradient that takes two output rows
     at a time (:func:`_weight_rows3x3`: it asks for ih + 1 after ih, and the fourth slot keeps ih). Input columns
-    [first, last) are copied; padded columns outside
-    the input are never written and stay zero. A non-empty in_shift (C,) maps each copied row to
-    clip((row - in_center) * in_k + in_shift, in_lo, in_hi) (:func:`_scale_act_row`) in cache: the output pass of
-    the layer before (a folded bias, or a training batch norm and its activation), deferred to this copy.
+    [first, last) are copied; padded columns outside the input are never written and stay zero. A non-empty
+    in_shift (C,) maps each copied row to clip((row - in_center) * in_k + in_shift, in_lo, in_hi)
+    (:func:`_scale_act_row`) in cache: the output pass of the layer before (a folded bias, or a training batch norm
+    and its activation), deferred to this copy.
     """
     S = held.shape[0]
     L = ring.shape[0] // S
