@@ -5,6 +5,7 @@ from hypothesis import given
 
 import oracles_conv as oracle
 from gradcheck import assert_close, check_directional, check_grad
+from kernels import conv
 from kernels.conv import conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, conv2d_forward, im2col
 
 FULL_CHECK_MAX = 80  # x.size + w.size up to which every coordinate is checked by finite differences
@@ -103,6 +104,37 @@ def test_im2col_matches_oracle_and_saved_cols_give_the_same_bits(case):
         np.testing.assert_array_equal(conv2d_forward(xd, wd, bd, cols=cols, **kw), conv2d_forward(xd, wd, bd, **kw))
         np.testing.assert_array_equal(conv2d_backward_weight(dyd, xd, w.shape, cols=cols, **kw),
                                       conv2d_backward_weight(dyd, xd, w.shape, **kw))
+
+
+@given(oracle.window_cases())
+def test_forward_in_chunks_of_images_gives_the_same_bits(case):
+    """Without rows to reuse, a large batch's forward builds and multiplies them a few images at a time
+    (``_CHUNK_BYTES``). Forced down to one image per chunk, it equals the whole batch's GEMM up to rounding (BLAS
+    may sum a chunk of very few rows in another order: one output pixel is a matrix-vector product) and the
+    oracle as tightly as the unchunked forward."""
+    rng, x, w, b = _inputs(case)
+    kw = dict(stride=case["stride"], padding=case["padding"])
+    saved = conv._CHUNK_BYTES
+    conv._CHUNK_BYTES = 1
+    try:
+        for dtype, rtol, floor in ((np.float64, 1e-12, 1e-12), (np.float32, 1e-4, 1e-5)):
+            xd, wd, bd = (a.astype(dtype) for a in (x, w, b))
+            got = conv2d_forward(xd, wd, bd, **kw)
+            whole = conv2d_forward(xd, wd, bd, cols=im2col(xd, w.shape, **kw), **kw)
+            assert_close(got, whole, rtol=rtol / 10, atol_floor=floor / 10)
+            assert_close(got, oracle.conv2d_forward(x, w, b, **kw), rtol=rtol, atol_floor=floor)
+    finally:
+        conv._CHUNK_BYTES = saved
+
+
+def test_images_per_chunk_follows_the_rows_size():
+    """MobileNet's input layer at batch 32: two images a chunk at res 128 (442 KB of rows each), one at res 224
+    (1.35 MB); a batch whose rows all fit in two chunks is not split."""
+    res128, res224 = 64 * 64 * 27 * 4, 112 * 112 * 27 * 4
+    assert conv._images_per_chunk(32, res128) == 2
+    assert conv._images_per_chunk(32, res224) == 1
+    assert conv._images_per_chunk(4, res128) == 4
+    assert conv._images_per_chunk(1, res224) == 1
 
 
 X = np.zeros((2, 5, 5, 3))
