@@ -7,7 +7,8 @@ Shape legend:
 Design: im2col + one GEMM. A Numba loop (parallel over output rows when large) copies each output pixel's
 receptive field into one row of ``cols`` (N*OH*OW, KH*KW*C) with columns ordered (kh, kw, c), which is exactly the
 row order of ``w.reshape(KH*KW*C, K)`` for HWIO weights, so
-    forward          y2d   = cols @ w2d            (NOHOW, K)
+    forward          y2d   = cols @ w2d            (NOHOW, K); a chunk of images at a time when the caller keeps no
+                     rows (see _CHUNK_BYTES)
     backward weight  dw2d  = cols.T @ dy2d         (KH*KW*C, K)
     backward input   dcols = dy2d @ w2d.T          (NOHOW, KH*KW*C), then col2im adds each entry back onto the input
                      pixel it was copied from.
@@ -184,7 +185,8 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding="valid", cols=None):
         b: optional bias (K,), same dtype.
         stride: int or (sh, sw).
         padding: 'same' (TensorFlow rule, odd pad bottom/right), 'valid', int or (ph, pw).
-        cols: optional ``im2col(x, w.shape, stride=stride, padding=padding)``, computed here when None.
+        cols: optional ``im2col(x, w.shape, stride=stride, padding=padding)``, computed here when None (a chunk of
+            images at a time, see ``_CHUNK_BYTES``).
 
     Returns:
         y: (N, OH, OW, K), x's dtype.

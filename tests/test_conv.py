@@ -107,7 +107,7 @@ def test_im2col_matches_oracle_and_saved_cols_give_the_same_bits(case):
 
 
 @given(oracle.window_cases())
-def test_forward_in_chunks_of_images_gives_the_same_bits(case):
+def test_forward_in_chunks_of_images_equals_the_whole_batch(case):
     """Without rows to reuse, a large batch's forward builds and multiplies them a few images at a time
     (``_CHUNK_BYTES``). Forced down to one image per chunk, it equals the whole batch's GEMM up to rounding (BLAS
     may sum a chunk of very few rows in another order: one output pixel is a matrix-vector product) and the
