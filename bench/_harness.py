@@ -561,13 +561,24 @@ def command_line(module):
     return " ".join([".venv/bin/python -m", module, *sys.argv[1:]])
 
 
+def _positive_int(text):
+    """argparse type: an int >= 1 (a median of zero samples, or of a negative number of them, means nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def parser(module, description, default_out, default_repeats):
     """The options every benchmark takes: --quick, --case (repeatable), --repeats, --out."""
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
     p.add_argument("--quick", action="store_true", help="fewer repeats and shapes: a smoke run")
     p.add_argument("--case", action="append", default=[], metavar="TEXT",
                    help="run only the rows whose label contains TEXT (repeatable: a row must contain every TEXT)")
-    p.add_argument("--repeats", type=int, default=None,
+    p.add_argument("--repeats", type=_positive_int, default=None,
                    help=f"timed samples per contender (default {default_repeats}, --quick 3)")
     p.add_argument("--out", default=default_out, help=f"markdown results file (default {default_out})")
     return p

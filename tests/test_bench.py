@@ -194,3 +194,15 @@ def test_case_names_are_unique_and_found():
         assert bm.case_by_name(c.name) is c
     with pytest.raises(ValueError, match="unknown case"):
         bm.case_by_name("nope")
+
+
+@pytest.mark.parametrize("main", [bm.main, bk.main])
+@pytest.mark.parametrize("repeats", ["0", "-3", "two"])
+def test_repeats_must_be_a_positive_integer(main, repeats, capsys):
+    """A bad --repeats stops before any worker starts or any results file is written (it used to run, with 0 taken
+    as the default and a negative count overwriting bench/results/kernels.md)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--repeats", repeats, "--out", "/nonexistent/never-written.md"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--repeats" in err and "expected a positive integer" in err and repr(repeats) in err
