@@ -83,7 +83,9 @@ def main(argv=None):
     from tinyconv.data import Augment, Normalization, iterate_batches, num_batches
     from tinyconv.optim import LRSchedule
 
-    args = tc_train.make_parser().parse_args(argv)
+    args = tc_train.make_parser(
+        prog="python -m bench.torch_train",
+        description="tinyconv.train's recipe in PyTorch, on the same batches: the reference run.").parse_args(argv)
     if args.model != "mobilenet" or args.optimizer not in ("sgd", "adam"):
         sys.exit("bench.torch_train runs --model mobilenet with --optimizer sgd or adam")
     config, settings = tc_train.run_description(args)

@@ -406,10 +406,10 @@ def class_list(text):
     return classes
 
 
-def make_parser():
-    p = ArgumentParser(prog="python -m tinyconv.train",
-                       description="Train MobileNet v1 with tinyconv. The defaults are the README's default run.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_parser(prog="python -m tinyconv.train",
+                description="Train MobileNet v1 with tinyconv. The defaults are the README's default run."):
+    """The training command line; ``bench.torch_train`` parses the same one under its own name."""
+    p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="dataset to train on")
     g.add_argument("--data-dir", default=None, help="folder holding the dataset (default: $TINYCONV_DATA, then "
