@@ -77,7 +77,6 @@ def mobilenet_v1(torch, *, alpha, classes, in_channels, dropout, bn_momentum, sh
 
 def main(argv=None):
     _tune_allocator()
-    import numpy as np
     import torch
     from tinyconv import train as tc_train
     from tinyconv.data import Augment, Normalization, iterate_batches, num_batches
