@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import models
 from gradcheck import assert_close, check_directional, check_grad
 from kernels.batchnorm import (batchnorm_act_backward, batchnorm_act_forward_eval, batchnorm_act_forward_train,
-                               batchnorm_backward, batchnorm_forward_eval, batchnorm_forward_train)
+                               batchnorm_backward, batchnorm_forward_train)
 from kernels.activation import relu6_backward, relu6_forward, relu_backward, relu_forward
 from oracles_misc import (batchnorm_backward_oracle, batchnorm_eval_oracle, batchnorm_train_oracle,  # noqa: F401
                           import_torch, nhwc_cases, numba_threads, one_numba_thread, relu6_backward_oracle,
