@@ -562,7 +562,10 @@ def command_line(module):
 
 
 def _positive_int(text):
-    """argparse type: an int >= 1 (a median of zero samples, or of a negative number of them, means nothing)."""
+    """argparse type: an int >= 1 (a median of zero samples, or of a negative number of them, means nothing).
+
+    Not ``tinyconv.train.positive_int``: importing tinyconv loads the kernels, and this parent process imports none.
+    """
     try:
         value = int(text)
     except ValueError:
