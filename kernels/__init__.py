@@ -13,15 +13,24 @@ machine, alternating runs, medians:
     training step 1.0/128 batch 32:  2^28 330 ms, 2^4 256, 2^18 266 (6 runs)
     Fashion-MNIST training epoch:    2^28 22.7 s, 2^4 25.6, 2^18 21.7 (3 runs; 2^4 was slower than 2^28 in 3 of
                                      3 further pairs)
-OpenBLAS reads the variable when it loads, so the default only applies if NumPy is not imported yet (``tinyconv``
-and ``models`` import this package first; a script that imports NumPy before them should set it itself).
+OpenBLAS reads the variable when it loads (``tinyconv`` and ``models`` import this package first). When NumPy was
+imported before, and the variable was not set, this package sets it and restarts OpenBLAS's workers so that they
+read it (:mod:`kernels._openblas`; ``OPENBLAS_RESTARTED`` names the libraries restarted).
 
 It also tells glibc's allocator to keep freed memory for reuse (:mod:`kernels._alloc`): every wrapper allocates
 its output, and without this each training step page-faults its activations back in.
 """
 import os as _os
+import sys as _sys
 
+# Whether NumPy's BLAS has already read its environment: then setting the variable is not enough.
+_late = "numpy" in _sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in _os.environ
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
+OPENBLAS_RESTARTED = []
+if _late:
+    from kernels import _openblas
+
+    OPENBLAS_RESTARTED = _openblas.restart_workers()
 
 from kernels import _alloc  # noqa: E402
 

@@ -300,6 +300,60 @@ def test_blas_thread_default_is_set_before_numpy_loads(package):
     assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.split() == ["True", "20"]
 
 
+_SPIN_PROBE = """
+import statistics, sys, time
+import numpy as np
+a = np.ones((1024, 1024), np.float32)
+a @ a  # NumPy's BLAS loaded and its workers started before tinyconv
+import {package}
+import kernels
+
+def cpu_while_asleep():
+    a @ a
+    start = time.process_time()
+    time.sleep(0.05)
+    return time.process_time() - start
+
+print(len(kernels.OPENBLAS_RESTARTED), statistics.median(cpu_while_asleep() for _ in range(7)) * 1e3)
+"""
+
+
+@pytest.mark.parametrize("package", ["tinyconv", "kernels"])
+def test_blas_workers_stop_spinning_when_numpy_was_imported_first(package):
+    """NumPy imported first has loaded OpenBLAS with its own 2^28-cycle spin; importing tinyconv restarts the
+    workers with 2^18 (kernels._openblas). Observed as CPU time the process burns during a 50 ms sleep right after
+    a GEMM: ~50 ms while a worker spins, ~1-4 ms once it sleeps. The user's own setting is kept and its spin
+    measured as the control; where no worker spins even then (one core, or a BLAS without such a pool), the test
+    has nothing to compare and is skipped."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    code = _SPIN_PROBE.format(package=package)
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                             cwd=root).stdout.split()
+        return int(out[0]), float(out[1])
+
+    kept, spinning_ms = run({**env, "OPENBLAS_THREAD_TIMEOUT": "28"})
+    assert kept == 0  # the user's value: nothing restarted
+    if spinning_ms < 25:
+        pytest.skip(f"no BLAS worker spins here even at 2^28 cycles ({spinning_ms:.1f} ms of CPU in 50 ms)")
+    restarted, fixed_ms = run(env)
+    assert restarted >= 1
+    assert fixed_ms < 15, (fixed_ms, spinning_ms)
+
+
+def test_restarted_blas_workers_compute_the_same_products():
+    """After a restart of the BLAS workers (what importing kernels does when NumPy came first) GEMMs on both
+    threads give the products they gave before."""
+    from kernels._openblas import restart_workers
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 512, 512))
+    before = a @ b
+    restart_workers()
+    np.testing.assert_array_equal(a @ b, before)
+
+
 def test_allocator_decision_respects_the_user():
     """The allocator is left alone when the user opted out or set glibc's own malloc variables."""
     from kernels._alloc import reason_to_skip
