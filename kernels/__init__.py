@@ -30,7 +30,14 @@ OPENBLAS_RESTARTED = []
 if _late:
     from kernels import _openblas
 
-    OPENBLAS_RESTARTED = _openblas.restart_workers()
+    try:
+        OPENBLAS_RESTARTED = _openblas.restart_workers()
+    except Exception as _e:  # a speed setting: never a reason for the import to fail
+        import warnings as _warnings
+
+        _warnings.warn(f"tinyconv could not restart NumPy's OpenBLAS workers ({_e!r}); they keep OpenBLAS's own "
+                       f"idle spin. Set OPENBLAS_THREAD_TIMEOUT=18 before importing NumPy for full speed.",
+                       RuntimeWarning, stacklevel=2)
 
 from kernels import _alloc  # noqa: E402
 

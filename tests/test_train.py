@@ -343,6 +343,25 @@ def test_blas_workers_stop_spinning_when_numpy_was_imported_first(package):
     assert fixed_ms < 15, (fixed_ms, spinning_ms)
 
 
+def test_import_survives_a_failed_blas_restart():
+    """If the restart cannot be done (here threadpoolctl fails), importing tinyconv still works and says why."""
+    code = ("import warnings\n"
+            "import numpy, threadpoolctl\n"
+            "def broken():\n"
+            "    raise OSError('no library list')\n"
+            "threadpoolctl.ThreadpoolController = broken\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import tinyconv, kernels\n"
+            "print(kernels.OPENBLAS_RESTARTED, [str(w.message) for w in caught if 'OpenBLAS' in str(w.message)])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=root).stdout
+    assert out.startswith("[] [")
+    assert "no library list" in out and "OPENBLAS_THREAD_TIMEOUT=18" in out
+
+
 def test_restarted_blas_workers_compute_the_same_products():
     """After a restart of the BLAS workers (what importing kernels does when NumPy came first) GEMMs on both
     threads give the products they gave before."""
