@@ -289,15 +289,16 @@ def test_blas_thread_default_is_set_before_numpy_loads(package):
             f"import {package}\n"
             "first = 'numpy' not in order or order.index('kernels') < order.index('numpy')\n"
             "print(first, os.environ['OPENBLAS_THREAD_TIMEOUT'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    assert _python(code).split() == ["True", "18"]
+    assert _python(code, OPENBLAS_THREAD_TIMEOUT="20").split() == ["True", "20"]
+
+
+def _python(code, **env):
+    """stdout of ``python -c code`` run from the project's root, with OPENBLAS_THREAD_TIMEOUT unset unless given."""
+    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def run(env):
-        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                              cwd=root)
-
-    assert run(env).stdout.split() == ["True", "18"]
-    assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.split() == ["True", "20"]
+    return subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True,
+                          check=True, cwd=root).stdout
 
 
 _SPIN_PROBE = """
@@ -325,20 +326,17 @@ def test_blas_workers_stop_spinning_when_numpy_was_imported_first(package):
     a GEMM: ~50 ms while a worker spins, ~1-4 ms once it sleeps. The user's own setting is kept and its spin
     measured as the control; where no worker spins even then (one core, or a BLAS without such a pool), the test
     has nothing to compare and is skipped."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     code = _SPIN_PROBE.format(package=package)
 
-    def run(env):
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                             cwd=root).stdout.split()
-        return int(out[0]), float(out[1])
+    def run(**env):
+        restarted, cpu_ms = _python(code, **env).split()
+        return int(restarted), float(cpu_ms)
 
-    kept, spinning_ms = run({**env, "OPENBLAS_THREAD_TIMEOUT": "28"})
+    kept, spinning_ms = run(OPENBLAS_THREAD_TIMEOUT="28")
     assert kept == 0  # the user's value: nothing restarted
     if spinning_ms < 25:
         pytest.skip(f"no BLAS worker spins here even at 2^28 cycles ({spinning_ms:.1f} ms of CPU in 50 ms)")
-    restarted, fixed_ms = run(env)
+    restarted, fixed_ms = run()
     assert restarted >= 1
     assert fixed_ms < 15, (fixed_ms, spinning_ms)
 
@@ -354,10 +352,7 @@ def test_import_survives_a_failed_blas_restart():
             "    warnings.simplefilter('always')\n"
             "    import tinyconv, kernels\n"
             "print(kernels.OPENBLAS_RESTARTED, [str(w.message) for w in caught if 'OpenBLAS' in str(w.message)])\n")
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=root).stdout
+    out = _python(code)
     assert out.startswith("[] [")
     assert "no library list" in out and "OPENBLAS_THREAD_TIMEOUT=18" in out
 
