@@ -14,8 +14,9 @@ machine, alternating runs, medians:
     Fashion-MNIST training epoch:    2^28 22.7 s, 2^4 25.6, 2^18 21.7 (3 runs; 2^4 was slower than 2^28 in 3 of
                                      3 further pairs)
 OpenBLAS reads the variable when it loads (``tinyconv`` and ``models`` import this package first). When NumPy was
-imported before, and the variable was not set, this package sets it and restarts OpenBLAS's workers so that they
-read it (:mod:`kernels._openblas`; ``OPENBLAS_RESTARTED`` names the libraries restarted).
+imported before, OpenBLAS may hold another value (none, if the variable was unset then, or set only after NumPy
+loaded): this package then restarts OpenBLAS's workers so that they read it (:mod:`kernels._openblas`;
+``OPENBLAS_RESTARTED`` names the libraries restarted).
 
 It also tells glibc's allocator to keep freed memory for reuse (:mod:`kernels._alloc`): every wrapper allocates
 its output, and without this each training step page-faults its activations back in.
@@ -24,7 +25,7 @@ import os as _os
 import sys as _sys
 
 # Whether NumPy's BLAS has already read its environment: then setting the variable is not enough.
-_late = "numpy" in _sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in _os.environ
+_late = "numpy" in _sys.modules
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "18")
 OPENBLAS_RESTARTED = []
 if _late:

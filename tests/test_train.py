@@ -306,6 +306,7 @@ import statistics, sys, time
 import numpy as np
 a = np.ones((1024, 1024), np.float32)
 a @ a  # NumPy's BLAS loaded and its workers started before tinyconv
+{before}
 import {package}
 import kernels
 
@@ -319,24 +320,25 @@ print(len(kernels.OPENBLAS_RESTARTED), statistics.median(cpu_while_asleep() for 
 """
 
 
-@pytest.mark.parametrize("package", ["tinyconv", "kernels"])
-def test_blas_workers_stop_spinning_when_numpy_was_imported_first(package):
+@pytest.mark.parametrize("package, before", [
+    ("tinyconv", ""), ("kernels", ""),
+    ("tinyconv", "import os; os.environ['OPENBLAS_THREAD_TIMEOUT'] = '18'  # too late for OpenBLAS to see it")])
+def test_blas_workers_stop_spinning_when_numpy_was_imported_first(package, before):
     """NumPy imported first has loaded OpenBLAS with its own 2^28-cycle spin; importing tinyconv restarts the
-    workers with 2^18 (kernels._openblas). Observed as CPU time the process burns during a 50 ms sleep right after
-    a GEMM: ~50 ms while a worker spins, ~1-4 ms once it sleeps. The user's own setting is kept and its spin
+    workers with 2^18 (kernels._openblas), also when the script set the variable itself after NumPy. Observed as
+    CPU time the process burns during a 50 ms sleep right after a GEMM: ~50 ms while a worker spins, ~1-4 ms once
+    it sleeps. A value set before Python started is what OpenBLAS runs with: kept, nothing restarted, and its spin
     measured as the control; where no worker spins even then (one core, or a BLAS without such a pool), the test
     has nothing to compare and is skipped."""
-    code = _SPIN_PROBE.format(package=package)
-
-    def run(**env):
-        restarted, cpu_ms = _python(code, **env).split()
+    def run(before, **env):
+        restarted, cpu_ms = _python(_SPIN_PROBE.format(package=package, before=before), **env).split()
         return int(restarted), float(cpu_ms)
 
-    kept, spinning_ms = run(OPENBLAS_THREAD_TIMEOUT="28")
+    kept, spinning_ms = run("", OPENBLAS_THREAD_TIMEOUT="28")
     assert kept == 0  # the user's value: nothing restarted
     if spinning_ms < 25:
         pytest.skip(f"no BLAS worker spins here even at 2^28 cycles ({spinning_ms:.1f} ms of CPU in 50 ms)")
-    restarted, fixed_ms = run()
+    restarted, fixed_ms = run(before)
     assert restarted >= 1
     assert fixed_ms < 15, (fixed_ms, spinning_ms)
 
@@ -357,14 +359,22 @@ def test_import_survives_a_failed_blas_restart():
     assert "no library list" in out and "OPENBLAS_THREAD_TIMEOUT=18" in out
 
 
-def test_restarted_blas_workers_compute_the_same_products():
+def test_restarted_blas_workers_compute_the_same_products(monkeypatch):
     """After a restart of the BLAS workers (what importing kernels does when NumPy came first) GEMMs on both
-    threads give the products they gave before."""
+    threads give the products they gave before; a restart to the value OpenBLAS already runs with is skipped."""
     from kernels._openblas import restart_workers
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((2, 512, 512))
     before = a @ b
-    restart_workers()
+    own = os.environ["OPENBLAS_THREAD_TIMEOUT"]  # what kernels left in place: set, and read by OpenBLAS
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "17" if own != "17" else "16")
+    restarted = restart_workers()
+    if not restarted:
+        pytest.skip("no pthreads OpenBLAS with these entry points in this process")
+    np.testing.assert_array_equal(a @ b, before)
+    assert restart_workers() == []  # already at that value
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", own)  # back to it, for the tests after this one
+    assert restart_workers() == restarted
     np.testing.assert_array_equal(a @ b, before)
 
 
