@@ -16,12 +16,15 @@ The GEMMs run in NumPy's BLAS, called from Python: BLAS threads must not start i
 Padding is never materialised: im2col writes zeros for taps that fall in the padding, col2im skips them.
 col2im is written as a gather over input rows (n, ih), so each parallel iteration owns the rows it writes.
 The forward and the weight gradient accept ``cols`` from :func:`im2col`, so a layer can build it once per step.
+Without them, the forward of a 3x3 stride-2 conv on three channels (MobileNet's input layer at inference) on a
+batch whose rows would not stay in cache skips im2col: :func:`_direct3x3s2`, a loop along the output columns.
 """
+import numba
 import numpy as np
 from numba import prange
 
 from ._check import check_float_array, check_same_dtype, check_shape
-from ._jit import parallel_kernel, sized_kernel
+from ._jit import fast_kernel, kernel, parallel_kernel, sized_kernel
 from .geometry import conv_geometry, normalize_window
 from .pointwise import pointwise_backward_bias
 
@@ -131,6 +134,135 @@ def _check_dy(dy, expected, legend):
     check_shape("dy", dy, expected)
 
 
+# --- the input layer's forward without im2col: 3x3, stride 2, three channels ---------------------------------------
+# For a 3-channel input an im2col row is 27 values copied in three runs of nine, and the GEMM has 16-32 columns:
+# both are slow for their size. This loop vectorizes along the output columns instead (rounds 12 and 19 had tried
+# the output channels): each input row is split by column parity into one plane per (channel, parity), so that the
+# tap (kw, c) of output columns ow .. ow + 15 is 16 consecutive values of one plane (padded column 2*ow + kw: plane
+# kw % 2, position ow + kw // 2). For each output channel, one pass over the row sums all 27 taps in one expression.
+
+
+@kernel(noalias=True)
+def _split_row3(planes, o, xf, xb, W, P, pl):
+    """planes[o + (2c + q)*P + j] = padded input row column 2j + q, channel c (3 channels): x's row at xf[xb:] is
+    W columns of 3 values, and padded column t is input column t - pl; columns outside the input are 0."""
+    u = np.uint64
+    for c in range(3):
+        for q in range(2):
+            po = u(o + (2 * c + q) * P)
+            lo = min(P, max(0, (pl - q + 1) // 2))  # the first j whose input column 2j + q - pl is >= 0
+            hi = min(P, max(lo, (W - 1 + pl - q) // 2 + 1))  # one past the last whose column is < W
+            for j in range(u(0), u(lo)):
+                planes[po + j] = 0.0
+            for j in range(u(hi), u(P)):
+                planes[po + j] = 0.0
+            s0 = u(xb + (2 * lo + q - pl) * 3 + c)
+            for j in range(u(hi - lo)):
+                planes[po + u(lo) + j] = xf[s0 + j * u(6)]
+
+
+@fast_kernel(noalias=True)
+def _direct_row3(acc, planes, a, b, d, wt, K, OW, P):
+    """acc[k*OW + ow] = the 3x3 stride-2 sum of output column ow, channel k, from the split rows at offsets a, b, d
+    of planes (input rows kh = 0, 1, 2, as :func:`_split_row3` lays them out); wt: (K*27,) weights, entry
+    k*27 + (kh*3 + kw)*3 + c."""
+    u = np.uint64
+    P2 = 2 * P
+    # each (row, channel): its even plane e (taps kw = 0 at j and kw = 2 at j + 1) and its odd plane (kw = 1)
+    e0, e1, e2 = u(a), u(a + P2), u(a + 2 * P2)
+    e3, e4, e5 = u(b), u(b + P2), u(b + 2 * P2)
+    e6, e7, e8 = u(d), u(d + P2), u(d + 2 * P2)
+    Pu, one = u(P), u(1)  # unsigned throughout: a signed index is checked for wraparound, and gathered
+    for k in range(K):
+        t = k * 27
+        w0, w1, w2, w3, w4, w5, w6, w7, w8 = (wt[t], wt[t + 1], wt[t + 2], wt[t + 3], wt[t + 4], wt[t + 5],
+                                              wt[t + 6], wt[t + 7], wt[t + 8])
+        v0, v1, v2, v3, v4, v5, v6, v7, v8 = (wt[t + 9], wt[t + 10], wt[t + 11], wt[t + 12], wt[t + 13],
+                                              wt[t + 14], wt[t + 15], wt[t + 16], wt[t + 17])
+        z0, z1, z2, z3, z4, z5, z6, z7, z8 = (wt[t + 18], wt[t + 19], wt[t + 20], wt[t + 21], wt[t + 22],
+                                              wt[t + 23], wt[t + 24], wt[t + 25], wt[t + 26])
+        ab = u(k * OW)
+        for j in range(u(OW)):
+            acc[ab + j] = (
+                (w0 * planes[e0 + j] + w1 * planes[e1 + j] + w2 * planes[e2 + j]
+                 + w3 * planes[e0 + Pu + j] + w4 * planes[e1 + Pu + j] + w5 * planes[e2 + Pu + j]
+                 + w6 * planes[e0 + one + j] + w7 * planes[e1 + one + j] + w8 * planes[e2 + one + j])
+                + (v0 * planes[e3 + j] + v1 * planes[e4 + j] + v2 * planes[e5 + j]
+                   + v3 * planes[e3 + Pu + j] + v4 * planes[e4 + Pu + j] + v5 * planes[e5 + Pu + j]
+                   + v6 * planes[e3 + one + j] + v7 * planes[e4 + one + j] + v8 * planes[e5 + one + j])
+                + (z0 * planes[e6 + j] + z1 * planes[e7 + j] + z2 * planes[e8 + j]
+                   + z3 * planes[e6 + Pu + j] + z4 * planes[e7 + Pu + j] + z5 * planes[e8 + Pu + j]
+                   + z6 * planes[e6 + one + j] + z7 * planes[e7 + one + j] + z8 * planes[e8 + one + j]))
+
+
+@kernel(noalias=True)
+def _store_kmajor(yf, yb, acc, K, OW):
+    """yf[yb + ow*K + k] = acc[k*OW + ow]: a row computed channel by channel, stored as NHWC."""
+    u = np.uint64
+    Ku, OWu = u(K), u(OW)
+    for ow in range(OWu):
+        o = u(yb) + ow * Ku
+        for k in range(Ku):
+            yf[o + k] = acc[k * OWu + ow]
+
+
+@kernel(noalias=True)
+def _direct_rows(yf, xf, wt, pt, pl, N, H, W, OH, OW, K, r0, r1):
+    """Output rows r0 .. r1 - 1 (of N*OH) of :func:`_direct3x3s2`, with a ring of the last three split input rows
+    (an input row is read by two output rows) and a buffer for one output row's sums."""
+    P = OW + 1  # positions per plane: output column ow reads j = ow and ow + 1
+    S = 6 * P  # one split row: 3 channels x 2 parities
+    ring = np.zeros(3 * S, yf.dtype)
+    held = np.full(3, -1, np.int64)
+    acc = np.empty(K * OW, yf.dtype)
+    for r in range(r0, r1):
+        n = r // OH
+        ih0 = (r - n * OH) * 2 - pt  # >= -2: pt <= 2 for a 3x3 window
+        for ih in range(ih0, ih0 + 3):
+            slot = (ih + 3) % 3
+            key = n * H + ih if 0 <= ih < H else -1
+            if held[slot] != key:
+                if key < 0:
+                    for j in range(slot * S, (slot + 1) * S):
+                        ring[j] = 0.0
+                else:
+                    _split_row3(ring, slot * S, xf, key * W * 3, W, P, pl)
+                held[slot] = key
+        _direct_row3(acc, ring, ((ih0 + 3) % 3) * S, ((ih0 + 4) % 3) * S, ((ih0 + 5) % 3) * S, wt, K, OW, P)
+        _store_kmajor(yf, r * OW * K, acc, K, OW)
+
+
+@parallel_kernel(noalias=True)
+def _direct3x3s2(y, x, wt, pt, pl, blocks):
+    """y = the 3x3 stride-2 conv of x (N, H, W, 3), y (N, OH, OW, K) written entirely; wt as in
+    :func:`_direct_row3`. Output rows are split into ``blocks`` runs (:func:`_direct_rows`). Compiled parallel
+    only, around a serial body that compiles once: it serves large batches (see :func:`_use_direct`); on one
+    thread it runs as one block."""
+    N, OH, OW, K = y.shape
+    H, W = x.shape[1], x.shape[2]
+    yf, xf = y.reshape(-1), x.reshape(-1)
+    rows = N * OH
+    for blk in prange(blocks):
+        _direct_rows(yf, xf, wt, pt, pl, N, H, W, OH, OW, K, blk * rows // blocks, (blk + 1) * rows // blocks)
+
+
+# The direct loop serves batches whose im2col rows would take at least this many bytes. Folded MobileNet inference,
+# the same model alternating between the two paths in one process (round 20, 2 threads): alpha 0.5 res 128 batch
+# 32 (14 MB of rows) 1.044-1.10x, alpha 1.0 1.008-1.015x; below, the two measurements disagree: alpha 0.5 batch 8
+# (3.5 MB) 1.02-1.05x and res 224 batch 2 (2.7 MB) 1.02-1.04x in the forward, but the layer alone, called over and
+# over on one batch that stays in cache, 0.76-0.84x and 0.85-0.95x (at batch 32: 1.09-1.68x); batch 2 at res 128
+# 0.92-0.93x and one image at res 224 0.96-0.97x in the forward. So only from 8 MiB, where both agree.
+_DIRECT_MIN_BYTES = 1 << 23
+
+
+def _use_direct(w_shape, stride, g, rows_bytes):
+    """Whether :func:`conv2d_forward`, given no im2col rows, takes :func:`_direct3x3s2`: a 3x3 window at stride 2
+    on three channels, padding at most 2 on each side, and a batch whose rows would take ``rows_bytes`` >=
+    ``_DIRECT_MIN_BYTES``."""
+    return (rows_bytes >= _DIRECT_MIN_BYTES and tuple(w_shape[:3]) == (3, 3, 3) and tuple(stride) == (2, 2)
+            and 0 <= g.pt <= 2 and 0 <= g.pl <= 2)
+
+
 def _cols(x, w_shape, g, stride):
     """im2col of x for a KH x KW window: (N*OH*OW, KH*KW*C)."""
     N, _, _, C = x.shape
@@ -186,7 +318,8 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding="valid", cols=None):
         stride: int or (sh, sw).
         padding: 'same' (TensorFlow rule, odd pad bottom/right), 'valid', int or (ph, pw).
         cols: optional ``im2col(x, w.shape, stride=stride, padding=padding)``, computed here when None (a chunk of
-            images at a time, see ``_CHUNK_BYTES``).
+            images at a time, see ``_CHUNK_BYTES``; or not at all for a large batch through a 3x3 stride-2 window
+            on three channels, see ``_use_direct``).
 
     Returns:
         y: (N, OH, OW, K), x's dtype.
@@ -204,8 +337,12 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding="valid", cols=None):
     y = np.empty((N, g.oh, g.ow, K), x.dtype)
     y2d = y.reshape(N * g.oh * g.ow, K)  # (NOHOW, K)
     w2d = w.reshape(KH * KW * C, K)
-    images = _images_per_chunk(N, g.oh * g.ow * KH * KW * C * x.dtype.itemsize) if cols is None else N
-    if images < N:  # rows for a few images at a time, each chunk multiplied while its rows are in cache
+    row_bytes = g.oh * g.ow * KH * KW * C * x.dtype.itemsize  # one image's im2col rows
+    images = _images_per_chunk(N, row_bytes) if cols is None else N
+    if cols is None and _use_direct(w.shape, normalize_window((KH, KW), stride, padding)[1], g, N * row_bytes):
+        wt = np.ascontiguousarray(w2d.T).reshape(-1)  # (K*27,): each output channel's 27 taps together
+        _direct3x3s2(y, np.ascontiguousarray(x), wt, g.pt, g.pl, numba.get_num_threads())
+    elif images < N:  # rows for a few images at a time, each chunk multiplied while its rows are in cache
         x = np.ascontiguousarray(x)
         pixels = g.oh * g.ow
         for n0 in range(0, N, images):

@@ -74,7 +74,8 @@ def calls(dtype=np.float32):
         ("bias_act_forward", lambda: [bn.bias_act_forward(x, c), _in_place(bn.bias_act_forward, x.copy(), c)]),
         ("batchnorm_stats_train", lambda: bn.batchnorm_stats_train(x, c.copy(), c.copy())),
         ("scale_act_forward", lambda: bn.scale_act_forward(x, c, c, c, act="relu")),
-        ("conv2d_forward", lambda: conv.conv2d_forward(x, w3, stride=2, padding="same")),
+        ("conv2d_forward", lambda: [conv.conv2d_forward(x, w3, stride=2, padding="same"),
+                                    _direct(conv, lambda: conv.conv2d_forward(x, w3, stride=2, padding="same"))]),
         ("conv2d_backward_input", lambda: conv.conv2d_backward_input(y2, w3, x.shape, stride=2, padding="same")),
         ("conv2d_backward_weight", lambda: conv.conv2d_backward_weight(y2, x, w3.shape, stride=2,
                                                                        padding="same")),
@@ -105,6 +106,17 @@ def calls(dtype=np.float32):
         ("softmax_cross_entropy_forward", lambda: loss.softmax_cross_entropy_forward(logits, labels)),
         ("softmax_cross_entropy_backward", lambda: loss.softmax_cross_entropy_backward(probs, labels)),
     ]
+
+
+def _direct(conv, call):
+    """``call()`` with the conv forward's direct loop taken at any size, so that a tiny batch compiles the path of a
+    large one (``kernels.conv._use_direct``)."""
+    saved = conv._DIRECT_MIN_BYTES
+    conv._DIRECT_MIN_BYTES = 0
+    try:
+        return call()
+    finally:
+        conv._DIRECT_MIN_BYTES = saved
 
 
 def _in_place(fn, x, *args):

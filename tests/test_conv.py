@@ -1,9 +1,12 @@
 """kernels.conv: standard convolution against its loop oracle, finite differences and PyTorch; bad input."""
+import contextlib
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, strategies as st
 
 import oracles_conv as oracle
+from oracles_misc import numba_threads
 from gradcheck import assert_close, check_directional, check_grad
 from kernels import conv
 from kernels.conv import conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, conv2d_forward, im2col
@@ -125,6 +128,67 @@ def test_forward_in_chunks_of_images_equals_the_whole_batch(case):
             assert_close(got, oracle.conv2d_forward(x, w, b, **kw), rtol=rtol, atol_floor=floor)
     finally:
         conv._CHUNK_BYTES = saved
+
+
+@given(N=st.integers(1, 3), H=st.integers(1, 20), W=st.integers(1, 20), K=st.integers(1, 40),
+       padding=st.one_of(st.sampled_from(["same", "valid"]), st.integers(0, 2),
+                         st.tuples(st.integers(0, 2), st.integers(0, 2))),
+       layout=st.sampled_from(oracle.LAYOUTS), seed=st.integers(0, 2 ** 32 - 1), threads=st.sampled_from([1, 2]))
+def test_direct_input_layer_forward_matches_the_oracle(N, H, W, K, padding, layout, seed, threads):
+    """The 3x3 stride-2 three-channel forward without im2col (``_direct3x3s2``, taken here at any size): every
+    geometry, padding and layout the GEMM path takes, each thread count, float64 to the oracle as tightly as the
+    GEMM path, float32 within 1e-4; it runs, and the bias is added."""
+    case = dict(N=N, H=H, W=W, C=3, KH=3, KW=3, K=K, seed=seed, layout=layout)
+    rng, x, w, b = _inputs(case)
+    kw = dict(stride=2, padding=padding)
+    try:
+        want = oracle.conv2d_forward(x, w, b, **kw)
+    except ValueError:
+        return  # no output for this geometry: the bad-input tests cover it
+    saved = conv._DIRECT_MIN_BYTES
+    conv._DIRECT_MIN_BYTES = 0
+    try:
+        with numba_threads(threads), _direct_calls() as calls:
+            for dtype, rtol, floor in ((np.float64, 1e-12, 1e-12), (np.float32, 1e-4, 1e-5)):
+                got = conv2d_forward(*(a.astype(dtype) for a in (x, w, b)), **kw)
+                assert got.dtype == dtype
+                assert_close(got, want, rtol=rtol, atol_floor=floor, name=f"y {np.dtype(dtype)}")
+    finally:
+        conv._DIRECT_MIN_BYTES = saved
+    assert calls == [np.float64, np.float32]
+
+
+def test_direct_input_layer_forward_serves_large_batches_only():
+    """MobileNet's input layer takes the direct loop from 8 MiB of im2col rows (batch 32 at res 128: 14 MB; batch 8
+    at res 224: 10.8 MB), and im2col + GEMM below (batch 8 at res 128, two images at res 224), for other windows,
+    strides and channel counts, and whenever the caller passes its rows."""
+    def takes_direct(N, res, w_shape=(3, 3, 3, 8), stride=2, with_cols=False):
+        x, w = np.zeros((N, res, res, w_shape[2]), np.float32), np.zeros(w_shape, np.float32)
+        cols = im2col(x, w_shape, stride=stride, padding="same") if with_cols else None
+        with _direct_calls() as calls:
+            conv2d_forward(x, w, stride=stride, padding="same", cols=cols)
+        return bool(calls)
+
+    assert takes_direct(32, 128) and takes_direct(8, 224)
+    assert not takes_direct(8, 128) and not takes_direct(2, 224)
+    assert not takes_direct(32, 128, w_shape=(3, 3, 1, 8)) and not takes_direct(32, 128, w_shape=(5, 5, 3, 8))
+    assert not takes_direct(32, 128, stride=1) and not takes_direct(32, 128, with_cols=True)
+
+
+@contextlib.contextmanager
+def _direct_calls():
+    """The dtypes of the calls to ``conv._direct3x3s2`` made inside the block, as a list."""
+    calls, direct = [], conv._direct3x3s2
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return direct(*args, **kwargs)
+
+    conv._direct3x3s2 = spy
+    try:
+        yield calls
+    finally:
+        conv._direct3x3s2 = direct
 
 
 def test_images_per_chunk_follows_the_rows_size():
