@@ -80,15 +80,62 @@ def environment_line():
     return "; ".join(shown)
 
 
-def _cpu_model():
+def _cpu_model(cpuinfo="/proc/cpuinfo", caches="/sys/devices/system/cpu/cpu0/cache"):
+    """The CPU's model name, with its family, model and stepping numbers and cpu0's cache sizes.
+
+    Virtual machines often report a generic name ("Intel(R) Xeon(R) Processor"); the numbers and the caches still
+    tell one machine from another (family 6 model 207 is an Emerald Rapids Xeon, whose L2 is 2 MiB a core), and
+    results from different machines are not comparable."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:  # the first processor's block is enough
+                    break
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    details = []
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']} model {fields['model']}"
+                       + (f" stepping {fields['stepping']}" if "stepping" in fields else ""))
+    sizes = _cache_sizes(caches)
+    if sizes:
+        details.append("caches " + ", ".join(sizes) + " (cpu0's)")
+    return f"{name} ({'; '.join(details)})" if details else name
+
+
+def _llvm_cpu():
+    """The CPU model Numba's LLVM compiles the kernels for (``NUMBA_CPU_NAME`` if set, else the host's): it decides
+    the vector width LLVM prefers (256 bits on Intel's server cores, even with AVX-512)."""
+    import numba
+    from llvmlite import binding
+    return numba.config.CPU_NAME or binding.get_host_cpu_name()
+
+
+def _cache_sizes(caches):
+    """['L1d 48K', 'L2 2048K', ...] from sysfs's cache directory of one CPU, [] where it cannot be read."""
+    rows = []
+    try:
+        entries = sorted(e for e in os.listdir(caches) if e.startswith("index"))
+    except OSError:
+        return rows
+    for entry in entries:
+        try:
+            def read(name):
+                with open(os.path.join(caches, entry, name)) as f:
+                    return f.read().strip()
+            level, kind, size = read("level"), read("type"), read("size")
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        rows.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    return rows
 
 
 def _cpu_flags():
@@ -156,7 +203,8 @@ def engine_info():
         import numba
         from kernels import _alloc
         lines.append(f"tinyconv worker: NumPy {np.__version__}; BLAS: {blas_description()}; Numba "
-                     f"{numba.__version__}: {numba.get_num_threads()} threads, threading layer {_numba_layer()}; "
+                     f"{numba.__version__}: {numba.get_num_threads()} threads, threading layer {_numba_layer()}, code for "
+                     f"LLVM's CPU '{_llvm_cpu()}'; "
                      f"fastmath {os.environ.get('TINYCONV_FASTMATH', '0') == '1'}; OMP_WAIT_POLICY "
                      f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; allocator default: {_alloc.status}; torch imported: "
                      f"{imported('torch')}")

@@ -33,6 +33,26 @@ def test_benchmark_env_sets_allocator_drops_openblas_and_leaves_input_alone():
     assert environ == {"OPENBLAS_CORETYPE": "Haswell", "OPENBLAS_L2_SIZE": "512", "PATH": "/bin"}
 
 
+def test_cpu_line_names_model_numbers_and_caches(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
+                       "model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 2\n\n"
+                       "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 1\nmodel name\t: other\n")
+    caches = tmp_path / "cache"
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"),
+                                                 (2, "Unified", "2048K"), (3, "Unified", "266240K")]):
+        d = caches / f"index{index}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert h._cpu_model(str(cpuinfo), str(caches)) == (
+        "Intel(R) Xeon(R) Processor (family 6 model 207 stepping 2; caches L1d 48K, L2 2048K, L3 266240K (cpu0's))")
+    # neither file readable: the name alone, never an error
+    assert h._cpu_model(str(tmp_path / "missing"), str(tmp_path / "missing")) in (
+        h.platform.processor() or "unknown CPU",)
+
+
 def test_selected_needs_every_filter():
     assert h.selected("mobilenet depthwise forward", [])
     assert h.selected("mobilenet depthwise forward", ["Depthwise", "forw"])
