@@ -104,6 +104,27 @@ def test_out_buffers_are_written_and_returned():
     assert_close(dw, oracle.pointwise_backward_weight(dy, x), rtol=1e-12, name="dw")
 
 
+@pytest.mark.parametrize("layout", oracle.LAYOUTS)
+@pytest.mark.parametrize("channels", [1, 31, 32, 33, 64])
+def test_weight_gradient_on_both_sides_of_the_swapped_product(channels, layout):
+    """Up to _SWAPPED_MAX_CHANNELS input channels dw is computed as (dy.T @ x).T, above as x.T @ dy: both equal
+    the oracle, with and without ``out``, in both dtypes, and return a C-contiguous (C, K) array."""
+    from kernels.pointwise import _SWAPPED_MAX_CHANNELS
+    assert _SWAPPED_MAX_CHANNELS in (31, 32)  # the parametrization straddles the threshold
+    rng = np.random.default_rng(channels)
+    x = oracle.make_array(rng, (3, 5, 7, channels), layout)
+    dy = oracle.make_array(rng, (3, 5, 7, 12), layout)
+    want = oracle.pointwise_backward_weight(dy, x)
+    for dtype, rtol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        xd, dyd = x.astype(dtype), dy.astype(dtype)
+        got = pointwise_backward_weight(dyd, xd)
+        assert got.shape == (channels, 12) and got.dtype == dtype and got.flags.c_contiguous
+        assert_close(got, want, rtol=rtol, atol_floor=1e-6, name=f"dw {np.dtype(dtype)}")
+        out = np.full((channels, 12), np.nan, dtype)
+        assert pointwise_backward_weight(dyd, xd, out=out) is out
+        np.testing.assert_array_equal(out, got)
+
+
 # ---- bad input: each raises before any BLAS call, naming the argument ----
 
 X = np.zeros((2, 3, 3, 4))
