@@ -181,9 +181,12 @@ def _conv_ops(torch, wl, family, layer, x_shape, layer_names, rng):
             dy2d = dy.reshape(-1, w.shape[1])  # (NHW, K)
             y_buf = np.empty((x2d.shape[0], w.shape[1]), np.float32)
             dx_buf = np.empty_like(x2d)
-            dw_buf = np.empty_like(w)
+            # the weight gradient's product in the order the wrapper takes it (dy.T @ x for thin layers)
+            swapped = c <= pw_k._SWAPPED_MAX_CHANNELS
+            dw_buf = np.empty((w.shape[1], c) if swapped else w.shape, np.float32)
             gemms = (lambda: np.matmul(x2d, w, out=y_buf), lambda: np.matmul(dy2d, w.T, out=dx_buf),
-                     lambda: np.matmul(x2d.T, dy2d, out=dw_buf))
+                     (lambda: np.matmul(dy2d.T, x2d, out=dw_buf)) if swapped else
+                     (lambda: np.matmul(x2d.T, dy2d, out=dw_buf)))
         else:
             k = dw_k if family == "depthwise" else conv_k
             fwd_k, in_k, w_k = ((k.depthwise_forward, k.depthwise_backward_input, k.depthwise_backward_weight)

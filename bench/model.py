@@ -240,6 +240,7 @@ def gemm_products(model, case):
     """The matrix products one step of ``case`` cannot do without, as (M, K, N, what) for an (M, K) @ (K, N):
     each convolution's im2col GEMM, each 1x1 conv's and the classifier's, forward; for training also each one's
     weight gradient and, except for the first layer (whose input gradient nobody needs), its input gradient."""
+    from kernels.pointwise import _SWAPPED_MAX_CHANNELS
     from tinyconv.layers import Conv2D, Linear, PointwiseConv2D
     products = []
     layers = model.layer_shapes((case.resolution, case.resolution, case.in_channels))
@@ -255,7 +256,10 @@ def gemm_products(model, case):
             continue
         products.append((m, k, n, f"{layer.name} forward"))
         if case.mode == "train":
-            products.append((k, m, n, f"{layer.name} weight gradient"))
+            # in the order the engine multiplies: a thin 1x1 conv's weight gradient as (dy.T @ x), K x C
+            swapped = isinstance(layer, PointwiseConv2D) and k <= _SWAPPED_MAX_CHANNELS
+            products.append((n, m, k, f"{layer.name} weight gradient") if swapped else
+                            (k, m, n, f"{layer.name} weight gradient"))
             if i > 0:
                 products.append((m, n, k, f"{layer.name} input gradient"))
     return products
@@ -274,7 +278,8 @@ def gemm_floor(model, case):
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal(size, dtype=np.float32) for _ in range(2))
     out = np.empty(size, np.float32)
-    # A weight gradient is x.T @ dy, an input gradient dy @ w.T: the transposed views BLAS takes without a copy.
+    # A weight gradient is x.T @ dy (or dy.T @ x, see gemm_products), an input gradient dy @ w.T: the transposed
+    # views BLAS takes without a copy.
     calls = []
     for m, k, n, what in products:
         lhs = a[:m * k].reshape(k, m).T if what.endswith("weight gradient") else a[:m * k].reshape(m, k)

@@ -198,6 +198,11 @@ def test_gemm_floor_does_the_products_of_every_gemm_layer():
     assert macs(train, "input gradient") == gemm_macs - first and len(train) == 3 * 15 - 1
     assert {what.split()[0] for *_, what in infer} == {layer.name for layer, s, _ in shapes
                                                        if layer.macs(s) and not isinstance(layer, DepthwiseConv2D)}
+    # a thin 1x1 conv's weight gradient is timed as the engine multiplies it, (dy.T @ x): K_out x NHW x C_in
+    pw1 = next(layer for layer, _, _ in shapes if layer.name == "conv_pw_1")
+    assert pw1.in_channels <= 32
+    assert [p[:3] for p in train if p[3] == "conv_pw_1 weight gradient"] == [
+        (pw1.out_channels, case.batch * 16 * 16, pw1.in_channels)]
     bm.gemm_floor(model, case)()  # every product's operands fit its buffers (a wrong reshape raises)
 
 
