@@ -117,6 +117,11 @@ def _llvm_cpu():
     return numba.config.CPU_NAME or binding.get_host_cpu_name()
 
 
+def _read_text(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
 def _cache_sizes(caches):
     """['L1d 48K', 'L2 2048K', ...] from sysfs's cache directory of one CPU, [] where it cannot be read."""
     rows = []
@@ -126,10 +131,7 @@ def _cache_sizes(caches):
         return rows
     for entry in entries:
         try:
-            def read(name):
-                with open(os.path.join(caches, entry, name)) as f:
-                    return f.read().strip()
-            level, kind, size = read("level"), read("type"), read("size")
+            level, kind, size = (_read_text(os.path.join(caches, entry, name)) for name in ("level", "type", "size"))
         except OSError:
             continue
         if kind == "Instruction":
@@ -203,11 +205,11 @@ def engine_info():
         import numba
         from kernels import _alloc
         lines.append(f"tinyconv worker: NumPy {np.__version__}; BLAS: {blas_description()}; Numba "
-                     f"{numba.__version__}: {numba.get_num_threads()} threads, threading layer {_numba_layer()}, code for "
-                     f"LLVM's CPU '{_llvm_cpu()}'; "
-                     f"fastmath {os.environ.get('TINYCONV_FASTMATH', '0') == '1'}; OMP_WAIT_POLICY "
-                     f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; allocator default: {_alloc.status}; torch imported: "
-                     f"{imported('torch')}")
+                     f"{numba.__version__}: {numba.get_num_threads()} threads, threading layer {_numba_layer()}, "
+                     f"code for LLVM's CPU '{_llvm_cpu()}'; fastmath "
+                     f"{os.environ.get('TINYCONV_FASTMATH', '0') == '1'}; OMP_WAIT_POLICY "
+                     f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; allocator default: {_alloc.status}; "
+                     f"torch imported: {imported('torch')}")
     if _ENGINE == "torch":
         import torch
         lines.append(f"torch worker: PyTorch {torch.__version__}: {torch.get_num_threads()} threads, CPU "

@@ -182,7 +182,7 @@ def _conv_ops(torch, wl, family, layer, x_shape, layer_names, rng):
             y_buf = np.empty((x2d.shape[0], w.shape[1]), np.float32)
             dx_buf = np.empty_like(x2d)
             # the weight gradient's product in the order the wrapper takes it (dy.T @ x for thin layers)
-            swapped = c <= pw_k._SWAPPED_MAX_CHANNELS
+            swapped = pw_k.swaps_weight_product(c)
             dw_buf = np.empty((w.shape[1], c) if swapped else w.shape, np.float32)
             gemms = (lambda: np.matmul(x2d, w, out=y_buf), lambda: np.matmul(dy2d, w.T, out=dx_buf),
                      (lambda: np.matmul(dy2d.T, x2d, out=dw_buf)) if swapped else

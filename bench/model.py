@@ -240,7 +240,7 @@ def gemm_products(model, case):
     """The matrix products one step of ``case`` cannot do without, as (M, K, N, what) for an (M, K) @ (K, N):
     each convolution's im2col GEMM, each 1x1 conv's and the classifier's, forward; for training also each one's
     weight gradient and, except for the first layer (whose input gradient nobody needs), its input gradient."""
-    from kernels.pointwise import _SWAPPED_MAX_CHANNELS
+    from kernels.pointwise import swaps_weight_product
     from tinyconv.layers import Conv2D, Linear, PointwiseConv2D
     products = []
     layers = model.layer_shapes((case.resolution, case.resolution, case.in_channels))
@@ -257,7 +257,7 @@ def gemm_products(model, case):
         products.append((m, k, n, f"{layer.name} forward"))
         if case.mode == "train":
             # in the order the engine multiplies: a thin 1x1 conv's weight gradient as (dy.T @ x), K x C
-            swapped = isinstance(layer, PointwiseConv2D) and k <= _SWAPPED_MAX_CHANNELS
+            swapped = isinstance(layer, PointwiseConv2D) and swaps_weight_product(k)
             products.append((n, m, k, f"{layer.name} weight gradient") if swapped else
                             (k, m, n, f"{layer.name} weight gradient"))
             if i > 0:

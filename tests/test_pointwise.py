@@ -107,10 +107,10 @@ def test_out_buffers_are_written_and_returned():
 @pytest.mark.parametrize("layout", oracle.LAYOUTS)
 @pytest.mark.parametrize("channels", [1, 31, 32, 33, 64])
 def test_weight_gradient_on_both_sides_of_the_swapped_product(channels, layout):
-    """Up to _SWAPPED_MAX_CHANNELS input channels dw is computed as (dy.T @ x).T, above as x.T @ dy: both equal
+    """Up to 32 input channels (``swaps_weight_product``) dw is computed as (dy.T @ x).T, above as x.T @ dy: both equal
     the oracle, with and without ``out``, in both dtypes, and return a C-contiguous (C, K) array."""
-    from kernels.pointwise import _SWAPPED_MAX_CHANNELS
-    assert _SWAPPED_MAX_CHANNELS in (31, 32)  # the parametrization straddles the threshold
+    from kernels.pointwise import swaps_weight_product
+    assert swaps_weight_product(31) and not swaps_weight_product(33)  # the parametrization straddles the threshold
     rng = np.random.default_rng(channels)
     x = oracle.make_array(rng, (3, 5, 7, channels), layout)
     dy = oracle.make_array(rng, (3, 5, 7, 12), layout)
