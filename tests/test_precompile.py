@@ -16,7 +16,8 @@ from tinyconv import precompile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Public kernel functions that no warm-up entry needs: pure Python, or a kernel another entry compiles.
 NOT_JITTED = {"pieces",  # the SGD's layout of parameter pieces, NumPy only
-              "sgd_update_unchecked"}  # sgd_update without its checks: the same kernel, same signature
+              "sgd_update_unchecked",  # sgd_update without its checks: the same kernel, same signature
+              "swaps_weight_product"}  # the 1x1 weight gradient's product order, a comparison
 
 COUNT_COMPILES = """
 import sys
